@@ -1,0 +1,60 @@
+"""Error types. The CLI turns every :class:`EdgeKDError` into a one-line message and its exit code.
+
+Exit codes follow one rule across commands: 2 for bad input or usage (the user must change something),
+1 for a check that ran and failed (a budget, a parity verification), 0 for success.
+"""
+
+from __future__ import annotations
+
+
+class EdgeKDError(Exception):
+    """Base class of every error edgekd reports to a user.
+
+    Args:
+        message: What is wrong, in one line.
+        hint: How to fix it, in one line (optional).
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class RecipeError(EdgeKDError):
+    """A recipe file or a ``--set`` override is missing, malformed or invalid."""
+
+
+class DataError(EdgeKDError):
+    """A dataset cannot be found, read, or does not fit the model."""
+
+
+class ModelError(EdgeKDError):
+    """A model name, import path or factory call is invalid."""
+
+
+class CheckpointError(EdgeKDError):
+    """A checkpoint is missing, corrupt, or would need unsafe unpickling."""
+
+
+class RunDirError(EdgeKDError):
+    """A run directory is missing, incomplete, or an artifact in it was changed."""
+
+
+class TrainingError(EdgeKDError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+class ExportError(EdgeKDError):
+    """A model could not be exported or an exported file is unusable."""
+
+
+class CheckFailed(EdgeKDError):
+    """A check ran and failed: a budget or a verification tolerance. Exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,291 @@
+"""Typed recipe schema: load, validate, apply ``--set a.b=value`` overrides, save the resolved recipe.
+
+A recipe is YAML with the sections ``name``, ``seed``, ``data``, ``teacher``, ``student``, ``distill`` and the
+optional ``prune``, ``export``, ``validate`` and ``bench``. Every key and its default is documented in
+``recipes/README.md``. Unknown keys are errors that suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgekd.errors import RecipeError
+
+DEFAULT_RECIPE = "mnist"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: str = Field("mnist", description="mnist | digits | npz | folder | csv")
+    path: Optional[str] = Field(None, description="file or folder for npz / folder / csv datasets")
+    label_column: str = Field("label", description="csv: the column holding the class label")
+    image_size: Optional[list[int]] = Field(None, description="folder: resize images to [H, W]")
+    grayscale: bool = Field(False, description="folder: read images as one channel")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    limit: Optional[int] = Field(None, gt=0, description="use at most this many samples (quick experiments)")
+    batch_size: int = Field(64, gt=0)
+    augment: Literal["none", "shift", "flip"] = Field("none", description="random training augmentation")
+    normalize: bool = Field(True, description="standardize inputs with statistics of the train split")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% of the data for training")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) <= 0):
+            raise ValueError("image_size must be two positive integers [H, W]")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(2e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    scheduler: Literal["none", "cosine", "onecycle"] = "onecycle"
+    grad_clip: Optional[float] = Field(None, gt=0)
+
+
+class TeacherConfig(TrainConfig):
+    model: str = Field("cnn", description="zoo name, `package.module:factory` or `path/file.py:factory`")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Optional[str] = Field(None, description="trained weights (state dict .pt/.pth or .safetensors)")
+
+
+class StudentConfig(_Section):
+    model: str = "cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Optional[str] = Field(None, description="initial weights for the student (optional)")
+
+
+class DistillConfig(TrainConfig):
+    loss: dict[str, Any] = Field(default_factory=lambda: {"name": "kd", "temperature": 4.0, "alpha": 0.9},
+                                 description="`name` picks a loss from the registry; other keys are its kwargs")
+    baseline: bool = Field(True, description="also train the student from scratch for comparison")
+    cache_teacher: bool = Field(True, description="compute teacher logits once when there is no augmentation")
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_name(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"name": v}
+        if isinstance(v, dict) and "name" not in v:
+            raise ValueError("distill.loss needs a `name` (see `edgekd losses`)")
+        return v
+
+
+class PruneConfig(_Section):
+    ratio: Optional[float] = Field(0.5, gt=0, lt=1, description="fraction of channels to remove")
+    target_macs: Optional[float] = Field(None, gt=1, description="prune until MACs shrink by this factor")
+    target_params: Optional[float] = Field(None, gt=1, description="prune until params shrink by this factor")
+    steps: int = Field(4, ge=1)
+    importance: Literal["l1", "l2", "bn", "taylor"] = "l2"
+    global_pruning: bool = False
+    protect: list[str] = Field(default_factory=list, description="module names never pruned")
+    finetune_epochs: int = Field(2, ge=0, description="KD fine-tune epochs after each step")
+    lr: float = Field(1e-3, gt=0)
+
+
+class ExportTolerance(_Section):
+    fp32_rel: float = Field(1e-5, gt=0, description="max |diff| / max |logit| vs PyTorch for fp32 files")
+    min_agreement: float = Field(0.98, ge=0, le=1, description="top-1 agreement with PyTorch for fp16/int8")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["onnx", "tflite"]] = Field(default_factory=lambda: ["onnx", "tflite"])
+    quantize: list[Literal["fp16", "int8", "dynamic"]] = Field(default_factory=lambda: ["int8"])
+    nhwc: bool = False
+    int8_io: Literal["float32", "int8", "uint8"] = "float32"
+    calibration_samples: int = Field(256, gt=0)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    teacher: bool = Field(True, description="also export the teacher (fp32) for comparison")
+    tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
+
+
+class ValidateConfig(_Section):
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1, description="vs the teacher, absolute")
+    max_p50_ms: Optional[float] = Field(None, gt=0)
+    max_size_kb: Optional[float] = Field(None, gt=0)
+
+
+class BenchConfig(_Section):
+    threads: list[int] = Field(default_factory=lambda: [1, 2])
+    runs: int = Field(200, gt=0)
+    warmup: int = Field(20, ge=0)
+    batch: int = Field(1, gt=0)
+
+
+class Recipe(_Section):
+    name: str = DEFAULT_RECIPE
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    prune: Optional[PruneConfig] = None
+    export: Optional[ExportConfig] = None
+    validate_: Optional[ValidateConfig] = Field(None, alias="validate")
+    bench: Optional[BenchConfig] = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("name must be a plain directory name (no '/', not starting with '.')")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what is saved as ``recipe.yaml``)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=False)
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+def builtin_recipe_path(name: str) -> Path:
+    """Path of a recipe shipped with edgekd (``recipes/<name>.yaml``)."""
+    path = Path(str(importlib.resources.files("edgekd.recipes") / f"{name}.yaml"))
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise RecipeError(f"no built-in recipe named {name!r}", f"available: {', '.join(available)}")
+    return path
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                **top_level: Any) -> Recipe:
+    """Load, override and validate a recipe.
+
+    Args:
+        path: A YAML file; a bare name (``mnist``) selects a built-in recipe; None selects the default.
+        overrides: ``a.b=value`` strings; values are parsed as YAML scalars then typed by the schema.
+        **top_level: Non-None values set top-level keys (``name``, ``seed``) after the overrides.
+
+    Raises:
+        RecipeError: With one line saying which key is wrong and how to fix it.
+    """
+    if path is None:
+        path = builtin_recipe_path(DEFAULT_RECIPE)
+    else:
+        path = Path(path)
+        if not path.exists() and path.suffix == "" and "/" not in str(path):
+            path = builtin_recipe_path(str(path))
+    raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    for key, value in top_level.items():
+        if value is not None:
+            raw[key] = value
+    return validate_recipe(raw, source=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found", "pass an existing YAML file, or no argument for the default")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise RecipeError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not a text file") from None
+    if data is None:
+        raise RecipeError(f"recipe {path} is empty", "see recipes/README.md for the keys")
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to the raw recipe mapping in place."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {item!r} is not of the form section.key=value", "e.g. --set distill.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate plain data against the schema, with one-line errors and key suggestions."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_describe(e.errors()[0], source)) from None
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join(loc[:-1] + close)!r}?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{source}: unknown key {key!r}; {hint}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{source}: {key}: {msg}{got_text}"
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = _field(model, part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return sorted((f.alias or name) for name, f in model.model_fields.items())
+
+
+def _field(model: Any, key: str) -> Any:
+    for name, f in model.model_fields.items():
+        if key in (name, f.alias):
+            return f
+    return None
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe as YAML, atomically."""
+    from edgekd.run_dir import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,204 @@
+"""The run directory ``exported/<run-name>/``: paths, atomic writes, ``manifest.json`` and ``metrics.json``.
+
+Every stage reads what it needs from here and writes its own artifacts plus its section of the manifest.
+Files are written under a temporary name and renamed, so an interrupted stage never leaves a half-written
+artifact that a later stage (or an app) could pick up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgekd.errors import RunDirError
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the final suffix, because some writers (torch.onnx, litert) choose the format
+    from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write pretty JSON atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and paths show up in metrics; JSON has no type for them.
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, turning a corrupt file into a :class:`RunDirError`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON (line {e.lineno}): it was damaged or edited by hand",
+                          "delete the run directory and run the stage again") from None
+
+
+class RunDir:
+    """One run directory and its bookkeeping files.
+
+    Args:
+        path: The directory (created on first write).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    # -- manifest -------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        """The manifest: ``{"run": name, "stages": {stage: {...}}, "artifacts": {file: {sha256, size_bytes}}}``."""
+        path = self.path / MANIFEST
+        if not path.exists():
+            return {"run": self.name, "created": _now(), "stages": {}, "artifacts": {}}
+        return read_json(path)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json_atomic(self.path / MANIFEST, manifest)
+
+    def record_artifacts(self, *names: str) -> None:
+        """Record the sha256 and size of artifacts (file names relative to the run directory)."""
+        manifest = self.manifest()
+        for name in names:
+            p = self.path / name
+            manifest["artifacts"][name] = {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+        self._write_manifest(manifest)
+
+    def forget_artifacts(self, *names: str) -> None:
+        """Drop artifacts from the manifest (for files a stage removed)."""
+        manifest = self.manifest()
+        for name in names:
+            manifest["artifacts"].pop(name, None)
+        self._write_manifest(manifest)
+
+    def stage_started(self, stage: str) -> None:
+        manifest = self.manifest()
+        entry = manifest["stages"].setdefault(stage, {})
+        entry.update({"status": "running", "started": _now()})
+        self._write_manifest(manifest)
+
+    def stage_done(self, stage: str, **info: Any) -> None:
+        """Mark a stage complete, with its artifacts and timings."""
+        manifest = self.manifest()
+        entry = manifest["stages"].setdefault(stage, {})
+        entry.update({"status": "done", "finished": _now(), **info})
+        self._write_manifest(manifest)
+
+    def stage_status(self, stage: str) -> str | None:
+        return self.manifest()["stages"].get(stage, {}).get("status")
+
+    def verify_artifacts(self, names: list[str] | None = None) -> list[str]:
+        """Return one message per recorded artifact that is missing or whose sha256 changed."""
+        problems = []
+        artifacts = self.manifest()["artifacts"]
+        for name in names if names is not None else sorted(artifacts):
+            expected = artifacts.get(name)
+            p = self.path / name
+            if expected is None:
+                continue
+            if not p.exists():
+                problems.append(f"{name} is missing")
+            elif sha256_file(p) != expected["sha256"]:
+                problems.append(f"{name} changed since it was written (sha256 mismatch)")
+        return problems
+
+    # -- metrics --------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        path = self.path / METRICS
+        return read_json(path) if path.exists() else {}
+
+    def update_metrics(self, key: str, values: dict[str, Any]) -> None:
+        """Merge ``values`` into ``metrics.json[key]`` (one entry per model, stable keys)."""
+        metrics = self.metrics()
+        metrics.setdefault(key, {}).update(values)
+        write_json_atomic(self.path / METRICS, metrics)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def latest_run(out_dir: str | os.PathLike) -> RunDir | None:
+    """The most recently modified run directory (one holding a manifest) under ``out_dir``."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return None
+    runs = [p for p in out.iterdir() if (p / MANIFEST).is_file()]
+    if not runs:
+        return None
+    return RunDir(max(runs, key=lambda p: (p / MANIFEST).stat().st_mtime))
+
+
+def resolve_run(run: str | os.PathLike | None, out_dir: str | os.PathLike = "exported") -> RunDir:
+    """The run a stage command works on: ``--run`` if given, else the latest run in ``out_dir``."""
+    if run is not None:
+        rd = RunDir(run)
+        if not rd.path.is_dir():
+            raise RunDirError(f"run directory {rd.path} does not exist", "pass --run with a directory from `edgekd distill`")
+        if not rd.exists():
+            raise RunDirError(f"{rd.path} is not an edgekd run directory (no {MANIFEST})",
+                              "pass --run with a directory written by `edgekd distill`")
+        return rd
+    rd = latest_run(out_dir)
+    if rd is None:
+        raise RunDirError(f"no run found in {out_dir}", "run `edgekd distill` first, or pass --run DIR")
+    return rd

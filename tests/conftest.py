@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny real recipes and a finished tiny run, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Tests run on 2 cores next to other work; keep torch from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"dataset": "digits", "batch_size": 64},
+    "teacher": {"model": "cnn", "kwargs": {"width": 8, "depth": 2}, "epochs": 3, "lr": 0.01},
+    "student": {"model": "cnn", "kwargs": {"width": 2, "depth": 2}},
+    "distill": {"epochs": 3, "lr": 0.02, "loss": {"name": "kd", "temperature": 4.0, "alpha": 0.9}},
+}
+
+
+def write_recipe(path: Path, data: dict | None = None, **changes) -> Path:
+    """Write a copy of the tiny recipe (or ``data``) with top-level sections updated by ``changes``."""
+    recipe = yaml.safe_load(yaml.safe_dump(data if data is not None else TINY_RECIPE))
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key].update(value)
+        else:
+            recipe[key] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished distill run of the tiny recipe (shared, read-only for tests)."""
+    from edgekd.distill import run_distill
+    from edgekd.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe(write_recipe(root / "tiny.yaml"))
+    return run_distill(recipe, out=root / "exported", quiet=True).path
