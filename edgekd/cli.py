@@ -5,7 +5,8 @@ Heavy modules (torch and friends) are imported inside command bodies so ``edgekd
 
 from __future__ import annotations
 
-import functools
+import errno
+import os
 import sys
 from typing import Any, Callable
 
@@ -34,6 +35,9 @@ def recipe_options(fn: Callable) -> Callable:
     return fn
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
 class EdgeKDGroup(click.Group):
     """Turns edgekd errors into one line on stderr and their exit code (traceback only with --debug)."""
 
@@ -48,6 +52,22 @@ class EdgeKDGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished epochs are saved; continue with --resume", err=True)
             ctx.exit(130)
+        except OSError as e:
+            # Disk full, read-only or forbidden output: the user's environment, not a bug in edgekd.
+            if e.errno not in _ENVIRONMENT_ERRNOS or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            click.secho(f"error: cannot write{where}: {e.strerror} (free space or choose another --out)", err=True, fg="red")
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug: one line by default, the traceback with --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            click.secho(f"error: internal error {type(e).__name__}: {first} "
+                        "(rerun with `edgekd --debug ...` for the traceback and please report it)", err=True, fg="red")
+            ctx.exit(1)
 
 
 @click.group(cls=EdgeKDGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,6 +117,9 @@ def list_models() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # edgekd never downloads at run time: Hugging Face libraries must use local files only.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cli(prog_name="edgekd")
 
 

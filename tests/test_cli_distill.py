@@ -60,6 +60,7 @@ def test_distill_end_to_end_on_tiny_recipe(tmp_path, tiny_recipe):
                    "--set", "distill.epochs=1", "--set", "distill.baseline=false", "--set", "teacher.epochs=1")
     assert res2.exit_code == 0, res2.output
     assert (tmp_path / "out" / "tiny-2" / "student.pt").is_file()
+    assert "name: tiny-2" in (tmp_path / "out" / "tiny-2" / "recipe.yaml").read_text()
     assert json.loads((rd / "metrics.json").read_text()) == metrics
 
 
@@ -93,6 +94,10 @@ def test_resume_skips_finished_models(tmp_path, tiny_recipe):
     assert (rd / "teacher.pt").stat().st_mtime_ns == before[0]
     assert (rd / "student.pt").read_bytes() == before[1]
     assert not (tmp_path / "out" / "tiny-2").exists()
+    other = run_cli("distill", str(tiny_recipe), "--out", out, "-q", "--resume", "--set", "distill.epochs=9")
+    assert other.exit_code == 2 and "differs" in other.output and "distill.epochs" in other.output
+    nothing = run_cli("distill", str(tiny_recipe), "--out", str(tmp_path / "empty"), "-q", "--resume")
+    assert nothing.exit_code == 2 and "nothing to resume" in nothing.output
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, tiny_recipe):

@@ -15,9 +15,9 @@ from torch import nn
 from edgekd import losses
 from edgekd.data import DataBundle, load_data
 from edgekd.distill.trainer import TrainResult, evaluate, fit
-from edgekd.errors import DataError, RunDirError
+from edgekd.errors import DataError, RecipeError, RunDirError
 from edgekd.models import build_model, count_macs_params, load_weights, save_checkpoint
-from edgekd.recipe import Recipe, save_recipe
+from edgekd.recipe import Recipe, load_recipe, save_recipe
 from edgekd.run_dir import RunDir, atomic_path, write_json_atomic, write_text_atomic
 
 STAGE = "distill"
@@ -36,6 +36,33 @@ def new_run_dir(out: str | Path, name: str, resume: bool) -> RunDir:
         rd = RunDir(out / f"{name}-{n}")
         n += 1
     return rd
+
+
+def _check_same_recipe(recipe: Recipe, rd: RunDir) -> None:
+    """Resuming with another recipe would mix two experiments in one run directory."""
+    saved_path = rd / "recipe.yaml"
+    if not saved_path.exists():
+        return
+    saved = load_recipe(saved_path).to_dict()
+    now = recipe.to_dict()
+    changed = [k for k in _flat(now) if _flat(now).get(k) != _flat(saved).get(k) and not k.startswith(_LATER_STAGES)]
+    if changed:
+        raise RecipeError(f"--resume: the recipe differs from the one {rd.path} started with ({', '.join(changed[:3])})",
+                          f"resume with the same recipe and --set options, e.g. `edgekd distill {saved_path} --resume`")
+
+
+# Sections read by later stages may change between stages; only what distill uses must match.
+_LATER_STAGES = ("prune.", "export.", "validate.", "bench.")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("kwargs", "loss"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def write_data_files(data: DataBundle, rd: RunDir) -> None:
@@ -107,7 +134,7 @@ def _train_role(role: str, model: nn.Module, spec: str, kwargs: dict[str, Any], 
     final = rd / f"{role}.pt"
     if resume and rd.stage_status(role) == "done" and final.exists():
         load_weights(model, final)
-        return rd.metrics().get(role, {})
+        return rd.manifest()["stages"][role].get("info", {})
     rd.stage_started(role)
     state_path = rd / "checkpoints" / f"{role}.state.pt"
     if not resume and state_path.exists():
@@ -123,7 +150,7 @@ def _train_role(role: str, model: nn.Module, spec: str, kwargs: dict[str, Any], 
             "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
             "epoch_seconds_median": float(np.median(epoch_s)) if epoch_s else None}
     rd.record_artifacts(f"{role}.pt")
-    rd.stage_done(role, artifact=f"{role}.pt")
+    rd.stage_done(role, artifact=f"{role}.pt", info=info)
     return info
 
 
@@ -157,6 +184,10 @@ def run_distill(recipe: Recipe, out: str | Path = "exported", resume: bool = Fal
     ce = losses.build("ce")
 
     rd = new_run_dir(out, recipe.name, resume)
+    if rd.name != recipe.name:  # the name was taken: the saved recipe names the directory it lives in
+        recipe = recipe.model_copy(update={"name": rd.name})
+    if resume:
+        _check_same_recipe(recipe, rd)
     rd.path.mkdir(parents=True, exist_ok=True)
     if not resume or not (rd / "recipe.yaml").exists():
         save_recipe(recipe, rd / "recipe.yaml")
