@@ -20,16 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    from edgekd.errors import RunDirError as _Base
-except ImportError:  # the errors module is optional for this file; fall back to a plain error type
-    class _Base(Exception):  # type: ignore[no-redef]
-        def __init__(self, message: str, hint: str | None = None):
-            super().__init__(message)
-            self.message, self.hint = message, hint
+from edgekd.errors import RunDirError
 
 
-class BundleError(_Base, ValueError):
+class BundleError(RunDirError, ValueError):
     """A run directory cannot be bundled (missing or damaged files). The message is one line."""
 
 

@@ -1,0 +1,86 @@
+"""``metadata.json``: what an app (or bench/validate/device scripts) needs to run every exported file.
+
+Input/output names, shapes, dtypes and quantization parameters are read back from the runtimes
+(onnxruntime, LiteRT's interpreter), never assumed from what the exporter was asked to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import RunDirError
+from edgekd.export.common import tool_versions
+from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
+
+SCHEMA_VERSION = 1
+METADATA = "metadata.json"
+
+
+def describe_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Input and output specs of a model file as its runtime reports them."""
+    fmt = path.suffix.lstrip(".")
+    if fmt == "onnx":
+        from edgekd.export.onnx import describe_onnx
+
+        return describe_onnx(path)
+    from edgekd.export.tflite import describe_tflite
+
+    return describe_tflite(path)
+
+
+def build_entry(path: Path, model: str, precision: str, layout: str, normalization: dict[str, Any],
+                labels: list[str], route: str, **extra: Any) -> dict[str, Any]:
+    """One ``models[]`` entry of metadata.json for an exported file.
+
+    Args:
+        path: The model file (inside the run directory).
+        model: Model stem (``student``, ``student_pruned``, ``teacher``).
+        precision: ``fp32``, ``fp16``, ``int8`` or ``dynamic``.
+        layout: Input layout of the file: ``NCHW``, ``NHWC`` or ``NF``.
+        normalization: ``{"mean", "std"}`` applied to raw inputs before the model.
+        labels: Class names in output order.
+        route: The tool chain that produced the file.
+        **extra: Further keys (e.g. ``routes_tried``).
+    """
+    fmt = path.suffix.lstrip(".")
+    inp, out = describe_file(path)
+    inp["layout"] = layout
+    return {
+        "file": path.name, "model": model, "format": fmt, "precision": precision,
+        "input": inp, "output": out, "normalization": normalization, "labels": list(labels),
+        "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "route": route,
+        "tool_versions": tool_versions(fmt), **extra,
+    }
+
+
+def read_metadata(rd: RunDir) -> dict[str, Any]:
+    """The run's metadata.json (an empty skeleton if there is none yet)."""
+    path = rd / METADATA
+    if not path.exists():
+        return {"schema_version": SCHEMA_VERSION, "run": rd.name, "labels": [], "normalization": {}, "models": []}
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("models"), list):
+        raise RunDirError(f"{path} is not an edgekd metadata file (no models list)",
+                          "delete it and run `edgekd export` again")
+    return meta
+
+
+def write_metadata(rd: RunDir, entries: list[dict[str, Any]], labels: list[str],
+                   normalization: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``entries`` into metadata.json (replacing entries of the same file) and write it atomically.
+
+    Entries whose file no longer exists are dropped, so the list always matches the directory.
+    """
+    meta = read_metadata(rd)
+    by_file = {e["file"]: e for e in meta["models"] if (rd / e["file"]).is_file()}
+    for e in entries:
+        by_file[e["file"]] = e
+    order = {"student_pruned": 0, "student": 1, "teacher": 2}
+    prec = {"fp32": 0, "fp16": 1, "dynamic": 2, "int8": 3}
+    models = sorted(by_file.values(), key=lambda e: (order.get(e["model"], 9), e["model"], e["format"],
+                                                     prec.get(e["precision"], 9), e["file"]))
+    meta.update({"schema_version": SCHEMA_VERSION, "run": rd.name, "labels": list(labels),
+                 "normalization": normalization, "models": models})
+    write_json_atomic(rd / METADATA, meta)
+    return meta

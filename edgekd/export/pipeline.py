@@ -1,0 +1,662 @@
+"""``edgekd export`` and ``edgekd quantize``: write, quantize and verify the run's model files.
+
+Export writes fp32 ONNX and/or TFLite files of the best student (pruned if the run has one, else the
+distilled student) and of the teacher, then the quantized student files (fp16 / int8 / dynamic). Every file
+is run in its own runtime on the run's test split (``eval.npz``) and compared with the PyTorch model
+(:mod:`edgekd.export.parity`); the results go to ``metrics.json`` under the file name, the file's description
+to ``metadata.json``, and the files with their sha256 to the manifest.
+
+A conversion failure of one format is reported with the operator that failed and the other formats are
+still written; the command then exits 2. A file that misses the tolerance makes it exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekd.errors import CheckFailed, EdgeKDError, ExportError, RecipeError, RunDirError
+from edgekd.export import metadata as meta_mod
+from edgekd.export import parity
+from edgekd.recipe import ExportConfig, Recipe
+from edgekd.run_dir import METRICS, RunDir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
+
+FORMATS = ("onnx", "tflite")
+QUANT_PRECISIONS = ("fp16", "int8", "dynamic")
+PRECISIONS = ("fp32",) + QUANT_PRECISIONS
+# Samples run through both files when looking for the first diverging layer (every tensor is kept).
+_LAYER_SAMPLES = 32
+
+Log = Callable[[str], None]
+
+
+def parse_precisions(value: str | list[str] | tuple[str, ...] | None, option: str = "--quantize") -> list[str]:
+    """Validate a precision list (``"fp16,int8"`` or a list); ``none`` or empty means no quantized files.
+
+    Raises:
+        ExportError: A name is not one of fp16, int8, dynamic.
+    """
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for raw in items:
+        p = str(raw).strip().lower()
+        if not p or p == "none":
+            continue
+        if p not in QUANT_PRECISIONS:
+            hint = " (fp32 files are always written)" if p == "fp32" else ""
+            raise ExportError(f"unknown precision {raw!r} in {option}{hint}",
+                              f"choose from: {', '.join(QUANT_PRECISIONS)}")
+        if p not in out:
+            out.append(p)
+    return out
+
+
+@dataclass
+class Target:
+    """A PyTorch model of the run that gets exported."""
+
+    name: str  # file stem: student, student_pruned, teacher
+    model: nn.Module
+    checkpoint: str  # file in the run directory it was loaded from
+
+
+@dataclass
+class ExportReport:
+    """What an export or quantize call wrote and what went wrong."""
+
+    rd: RunDir
+    files: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # conversions that did not produce a file (exit 2)
+    problems: list[str] = field(default_factory=list)  # files that miss the tolerance (exit 1)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.problems
+
+    def raise_for_problems(self) -> None:
+        """Raise :class:`ExportError` for failed conversions, else :class:`CheckFailed` for failed checks."""
+        if self.failures:
+            also = f"; also failed verification: {'; '.join(self.problems)}" if self.problems else ""
+            written = f" (written: {', '.join(self.files)})" if self.files else ""
+            raise ExportError("; ".join(self.failures) + also + written)
+        if self.problems:
+            raise CheckFailed("; ".join(self.problems),
+                              "see metrics.json; loosen export.tolerance or pass --no-verify to keep the files")
+
+
+def _load_recipe(rd: RunDir) -> Recipe | None:
+    from edgekd.recipe import read_yaml, validate_recipe
+
+    path = rd / "recipe.yaml"
+    if not path.is_file():
+        return None
+    return validate_recipe(read_yaml(path), source=str(path))
+
+
+def _model_from_checkpoint(path: Path) -> nn.Module:
+    from edgekd.models import build_model, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    spec = ckpt.get("model")
+    if not isinstance(spec, dict) or "input_shape" not in ckpt:
+        raise RunDirError(f"{path} is not an edgekd checkpoint (no model spec)",
+                          "export works on run directories written by `edgekd distill`")
+    model = build_model(spec["spec"], tuple(ckpt["input_shape"]), int(ckpt["num_classes"]), spec.get("kwargs"))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def student_target(rd: RunDir) -> Target:
+    """The best student of the run: the pruned one if the run has it, else the distilled one."""
+    artifacts = rd.manifest().get("artifacts", {})
+    pruned = sorted(a for a in artifacts if a.startswith("student_pruned"))
+    if pruned and (rd / pruned[0]).exists():
+        try:
+            from edgekd.prune import load_pruned_model
+        except ImportError:
+            load_pruned_model = None
+        if load_pruned_model is not None:
+            return Target("student_pruned", load_pruned_model(rd.path).eval(), pruned[0])
+    if not (rd / "student.pt").is_file():
+        status = rd.stage_status("student") or "never started"
+        raise RunDirError(f"run {rd.path} has nothing to export: no student.pt (student training: {status})",
+                          "finish the run with `edgekd distill --resume --name NAME`, or pick another --run")
+    return Target("student", _model_from_checkpoint(rd / "student.pt"), "student.pt")
+
+
+def _check_writable(rd: RunDir) -> None:
+    try:
+        with atomic_path(rd / ".edgekd-write-check") as tmp:
+            tmp.write_text("ok")
+        (rd / ".edgekd-write-check").unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to {rd.path}: {e.strerror or e}",
+                          "make the run directory writable, or copy it elsewhere and pass --run") from None
+
+
+class _Session:
+    """What every file of one export/quantize call shares: the run's data, references and settings."""
+
+    def __init__(self, rd: RunDir, cfg: ExportConfig, verify: bool, log: Log):
+        self.rd, self.cfg, self.verify, self.log = rd, cfg, verify, log
+        self.recipe = _load_recipe(rd)
+        info_path = rd / "data.json"
+        if not info_path.is_file():
+            raise RunDirError(f"run {rd.path} has no data.json", "export works on run directories from `edgekd distill`")
+        info = read_json(info_path)
+        self.labels: list[str] = list(info["labels"])
+        self.layout: str = info.get("layout", "NCHW")
+        self.norm: dict[str, Any] = dict(info["normalization"])
+        self.input_shape = tuple(info["input_shape"])
+        try:
+            with np.load(rd / "eval.npz") as ev:
+                self.x = np.asarray(ev["x"], np.float32)
+                self.y = np.asarray(ev["y"], np.int64)
+        except FileNotFoundError:
+            raise RunDirError(f"run {rd.path} has no eval.npz", "run `edgekd distill` again") from None
+        except Exception as e:
+            raise RunDirError(f"{rd / 'eval.npz'} is damaged ({type(e).__name__})", "run `edgekd distill` again") from None
+        self._calib: np.ndarray | None = None
+        self._refs: dict[str, np.ndarray] = {}
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    def float_entry(self, layout: str | None = None) -> dict[str, Any]:
+        return {"normalization": self.norm, "input": {"layout": layout or self.layout, "dtype": "float32"}}
+
+    def normalized(self, x: np.ndarray, layout: str | None = None) -> np.ndarray:
+        from edgekd.runtimes import prepare_input
+
+        return prepare_input(x, self.float_entry(layout))
+
+    def sample(self) -> torch.Tensor:
+        return torch.from_numpy(self.normalized(self.x[:1]))
+
+    def file_layout(self, fmt: str) -> str:
+        if self.layout == "NCHW" and fmt == "tflite" and self.cfg.nhwc:
+            return "NHWC"
+        return self.layout
+
+    def calibration(self) -> np.ndarray:
+        """Normalized NCHW/NF calibration inputs from the run's training split (loaded once)."""
+        if self._calib is None:
+            if self.recipe is None:
+                raise RunDirError(f"run {self.rd.path} has no recipe.yaml, so its training data cannot be found "
+                                  "for int8 calibration", "quantize fp16/dynamic only, or run `edgekd distill` again")
+            from edgekd.data import load_data
+
+            data = load_data(self.recipe.data, self.recipe.seed)
+            n = min(self.cfg.calibration_samples, len(data.train))
+            # Seeded so repeated exports calibrate on the same samples (and produce the same files).
+            idx = np.sort(np.random.default_rng(self.recipe.seed).choice(len(data.train), size=n, replace=False))
+            raw = np.stack([data.train.raw(int(i)) for i in idx]).astype(np.float32)
+            self._calib = self.normalized(raw)
+            self.log(f"calibration: {n} samples from the training split")
+        return self._calib
+
+    def reference(self, target: Target) -> np.ndarray:
+        """PyTorch logits of ``target`` on the test split (the parity reference)."""
+        if target.name not in self._refs:
+            xn = torch.from_numpy(self.normalized(self.x))
+            with torch.inference_mode():
+                out = [target.model(xn[i:i + 256]).float().numpy() for i in range(0, len(xn), 256)]
+            self._refs[target.name] = np.concatenate(out)
+        return self._refs[target.name]
+
+    # -- verification ---------------------------------------------------------------------------------
+    def measure(self, path: Path, entry: dict[str, Any], target: Target) -> dict[str, Any]:
+        from edgekd.runtimes import runtime_for
+
+        from edgekd.export.common import operator_in, quiet
+
+        with quiet():  # interpreters announce their delegates on stderr
+            rt = runtime_for(path, entry)
+            try:
+                out = rt.predict(self.x)
+            except Exception as e:
+                text = str(e).strip()
+                op = operator_in(text)
+                what = f"operator {op} is not supported" if op else (text.splitlines() or [""])[0][:200]
+                raise ExportError(f"{path.name} fails to run in {rt.name}: {what}") from None
+        return parity.compare(self.reference(target), out, self.y)
+
+    def divergence(self, q_path: Path, q_entry: dict[str, Any], fp32_path: Path,
+                   fp32_entry: dict[str, Any]) -> parity.Divergence | None:
+        """Compare a quantized file layer by layer with its fp32 file (None if that cannot be done)."""
+        from edgekd.export.common import quiet
+        from edgekd.runtimes import prepare_input
+
+        x = self.x[:_LAYER_SAMPLES]
+        try:
+            if q_path.suffix == ".onnx":
+                from edgekd.export.onnx import onnx_layers
+
+                ref = onnx_layers(fp32_path, prepare_input(x, fp32_entry))
+                q = onnx_layers(q_path, prepare_input(x, q_entry))
+                return parity.first_divergence(ref, q, channel_axis=1)
+            from edgekd.export.tflite import tflite_layers
+
+            with quiet():
+                ref = tflite_layers(fp32_path, prepare_input(x, fp32_entry))
+                q = tflite_layers(q_path, prepare_input(x, q_entry))
+            return parity.first_divergence(ref, q, channel_axis=-1)
+        except EdgeKDError:
+            raise
+        except Exception as e:  # diagnosis must never hide the verification result itself
+            self.log(f"  (layer-by-layer comparison unavailable: {type(e).__name__}: {str(e)[:120]})")
+            return None
+
+
+def _fmt_size(n: int) -> str:
+    for unit, div in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _numbers_line(precision: str, numbers: dict[str, Any]) -> str:
+    if precision == "fp32":
+        return f"parity {numbers['parity']:.1e} (max|diff|/max|logit|), accuracy {numbers['test_accuracy']:.4f}"
+    return (f"accuracy {numbers['test_accuracy']:.4f} (PyTorch {numbers['reference_accuracy']:.4f}), "
+            f"agreement {100 * numbers['agreement']:.2f}%, parity {numbers['parity']:.1e}")
+
+
+class _Exporter:
+    def __init__(self, session: _Session, report: ExportReport):
+        self.s = session
+        self.r = report
+        self.entries: list[dict[str, Any]] = []
+
+    def _finish_file(self, path: Path, entry: dict[str, Any], target: Target, precision: str,
+                     numbers: dict[str, Any] | None, problem: str | None, extra: dict[str, Any]) -> None:
+        s = self.s
+        entry["verified"] = None if numbers is None else problem is None
+        self.entries.append(entry)
+        self.r.files.append(path.name)
+        metrics = {"model": target.name, "format": entry["format"], "precision": precision,
+                   "size_bytes": entry["size_bytes"], "route": entry["route"], "verified": entry["verified"]}
+        if numbers is not None:
+            metrics.update(numbers)
+        metrics.update(extra)
+        # Replace the file's whole entry: numbers of an earlier export of the same file must not linger.
+        all_metrics = s.rd.metrics()
+        all_metrics[path.name] = metrics
+        write_json_atomic(s.rd / METRICS, all_metrics)
+        status = "not verified" if numbers is None else ("ok" if problem is None else "FAILED")
+        detail = "" if numbers is None else "  " + _numbers_line(precision, numbers)
+        s.log(f"{path.name:28s} {_fmt_size(entry['size_bytes']):>9s}{detail}  {status} [{entry['route']}]")
+        if problem:
+            s.log(f"  {problem}")
+            if "divergence" in extra and extra["divergence"]:
+                s.log(f"  {extra['divergence']['description']}")
+
+    def export_fp32(self, target: Target, fmt: str) -> bool:
+        """Write and verify ``<target>_fp32.<fmt>``; return whether a file was written."""
+        s = self.s
+        path = s.rd / f"{target.name}_fp32.{fmt}"
+        layout = s.file_layout(fmt)
+        try:
+            if fmt == "onnx":
+                from edgekd.export.onnx import export_onnx
+
+                route = export_onnx(target.model, s.sample(), path, what=target.name)
+            else:
+                from edgekd.export.tflite import export_tflite
+
+                route = export_tflite(target.model, s.sample(), path, nhwc=layout == "NHWC", what=target.name)
+            entry = meta_mod.build_entry(path, target.name, "fp32", layout, s.norm, s.labels, route)
+            numbers = s.measure(path, entry, target) if s.verify else None
+        except ExportError as e:
+            self.r.failures.append(str(e))
+            s.log(f"{path.name:28s} not written: {e}")
+            _remove(path)
+            return False
+        problem = parity.problem(numbers, "fp32", s.cfg.tolerance) if numbers else None
+        if problem:
+            self.r.problems.append(f"{path.name}: {problem}")
+        self._finish_file(path, entry, target, "fp32", numbers, problem, {})
+        return True
+
+    def quantize(self, target: Target, fmt: str, precision: str, fp32_entry: dict[str, Any]) -> None:
+        """Write and verify ``<target>_<precision>.<fmt>`` from the fp32 file (falling back between routes)."""
+        s = self.s
+        fp32_path = s.rd / fp32_entry["file"]
+        path = s.rd / f"{target.name}_{precision}.{fmt}"
+        layout = fp32_entry["input"]["layout"]
+        calib = s.calibration() if precision == "int8" else None
+        if fmt == "onnx":
+            routes: list[str] = ["onnxruntime"]
+        elif precision == "fp16":
+            routes = ["ai-edge-quantizer"]
+        else:
+            from edgekd.export.tflite import TFLITE_ROUTES
+
+            routes = list(TFLITE_ROUTES)
+        attempts: list[str] = []
+        best: tuple[tuple, bytes, dict[str, Any], dict[str, Any] | None, str | None] | None = None
+        for route in routes:
+            try:
+                entry = self._run_route(route, target, fmt, precision, fp32_path, path, layout, calib)
+                numbers = s.measure(path, entry, target) if s.verify else None
+            except ExportError as e:
+                attempts.append(f"{route}: {e}" if len(routes) > 1 else str(e))
+                if len(routes) > 1:
+                    s.log(f"  {path.name}: route {route} failed: {e}")
+                continue
+            problem = parity.problem(numbers, precision, s.cfg.tolerance) if numbers else None
+            rank = (problem is None, numbers["agreement"] if numbers else 0.0)
+            if best is None or rank > best[0]:
+                best = (rank, path.read_bytes(), entry, numbers, problem)
+            if problem is None:
+                break
+            attempts.append(f"{entry['route']}: {problem}")
+            s.log(f"  {path.name}: route {entry['route']} misses the tolerance ({problem})"
+                  + ("; trying the next route" if route != routes[-1] else ""))
+        if best is None:
+            _remove(path)
+            self.r.failures.append("; ".join(attempts))
+            s.log(f"{path.name:28s} not written: {'; '.join(attempts)}")
+            return
+        _, data, entry, numbers, problem = best
+        if path.read_bytes() != data:  # a later route did worse: put the better file back
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            entry = meta_mod.build_entry(path, target.name, precision, layout, s.norm, s.labels, entry["route"])
+        others = [a for a in attempts if not a.startswith(entry["route"] + ":")]
+        if others:  # what the other routes did, so a reader sees why this route's file was kept
+            entry["routes_tried"] = others
+        extra: dict[str, Any] = {}
+        if problem:
+            div = s.divergence(path, entry, fp32_path, fp32_entry)
+            if div is not None:
+                extra["divergence"] = {**div.as_dict(), "description": div.describe()}
+            where = f"; {div.describe()}" if div is not None else ""
+            self.r.problems.append(f"{path.name}: {problem}{where}")
+        self._finish_file(path, entry, target, precision, numbers, problem, extra)
+
+    def _run_route(self, route: str, target: Target, fmt: str, precision: str, fp32_path: Path, path: Path,
+                   layout: str, calib: np.ndarray | None) -> dict[str, Any]:
+        s = self.s
+        if fmt == "onnx":
+            from edgekd.export.onnx import quantize_onnx
+
+            route_name = quantize_onnx(fp32_path, path, precision, calib, s.cfg.calibration_method)
+        elif route == "ai-edge-quantizer":
+            from edgekd.export.tflite import quantize_aeq
+
+            file_calib = None
+            if calib is not None:
+                file_calib = np.ascontiguousarray(calib.transpose(0, 2, 3, 1)) if layout == "NHWC" else calib
+            quantize_aeq(fp32_path, path, precision, file_calib, s.cfg.int8_io)
+            route_name = route if precision != "fp16" else "ai-edge-quantizer-fp16"
+        else:
+            from edgekd.export.tflite import quantize_pt2e
+
+            quantize_pt2e(target.model, s.sample(), path, precision, calib, nhwc=layout == "NHWC",
+                          io_type=s.cfg.int8_io, what=target.name)
+            route_name = route
+        return meta_mod.build_entry(path, target.name, precision, layout, s.norm, s.labels, route_name)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _merge_cfg(rd: RunDir, recipe: Recipe | None, cfg: ExportConfig | None, **overrides: Any) -> ExportConfig:
+    """Export settings: ``cfg`` or the run recipe's ``export`` section or the defaults, then overrides."""
+    base = cfg or (recipe.export if recipe is not None and recipe.export is not None else ExportConfig())
+    data = base.model_dump()
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return ExportConfig.model_validate(data)
+    except Exception as e:  # pydantic's message is long; keep the first line
+        raise RecipeError(f"invalid export settings: {str(e).splitlines()[0]} {str(e).splitlines()[-1].strip()}") from None
+
+
+def _record(rd: RunDir, stage: str, report: ExportReport, session: _Session, entries: list[dict[str, Any]],
+            t0: float, error: str | None = None) -> None:
+    meta_mod.write_metadata(rd, entries, session.labels, session.norm)
+    if not (rd / "labels.txt").is_file():
+        write_text_atomic(rd / "labels.txt", "\n".join(session.labels) + "\n")
+    files = list(dict.fromkeys(report.files))
+    rd.record_artifacts(*files, meta_mod.METADATA, "labels.txt")
+    status = "done" if report.ok and error is None else "failed"
+    info: dict[str, Any] = {"failures": report.failures, "problems": report.problems}
+    if error:
+        info["error"] = error
+    rd.stage_done(stage, status=status, seconds=round(time.perf_counter() - t0, 2),
+                  artifacts=files + [meta_mod.METADATA], **info)
+
+
+def _run_and_record(work: Callable[[], None], rd: RunDir, stage: str, report: ExportReport, session: _Session,
+                    exporter: "_Exporter", t0: float) -> None:
+    """Run the stage; whatever happens, describe the files it did write in metadata.json and the manifest."""
+    error: EdgeKDError | None = None
+    try:
+        work()
+    except EdgeKDError as e:
+        error = e
+    except OSError as e:
+        error = RunDirError(f"cannot write to {rd.path}: {e.strerror or e}",
+                            "check free space and permissions of the run directory")
+    try:
+        _record(rd, stage, report, session, exporter.entries, t0, None if error is None else str(error))
+    except OSError:
+        if error is None:
+            raise
+    if error is not None:
+        raise error
+
+
+def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.PathLike = "exported", *,
+               formats: list[str] | None = None, quantize: list[str] | str | None = None,
+               nhwc: bool | None = None, int8_io: str | None = None, calibration_method: str | None = None,
+               teacher: bool | None = None, verify: bool = True, log: Log | None = None,
+               cfg: ExportConfig | None = None, quiet: bool = True, check: bool = False) -> ExportReport:
+    """Export the run's best student (and the teacher, fp32) to ONNX/TFLite, quantize, verify, describe.
+
+    Args:
+        run: Run directory (default: the most recent run in ``out``).
+        out: Where runs live (for the default run).
+        formats: ``onnx`` and/or ``tflite`` (default: ``export.formats`` of the run's recipe).
+        quantize: Extra precisions for the student: ``fp16``, ``int8``, ``dynamic`` (default: recipe).
+        nhwc: Channels-last input for TFLite files.
+        int8_io: ``float32``, ``int8`` or ``uint8`` inputs/outputs of full-integer TFLite files.
+        calibration_method: ONNX Runtime calibration: ``minmax``, ``entropy`` or ``percentile``.
+        teacher: Also export the teacher in fp32.
+        verify: Run every file on the test split and check it against the tolerance.
+        log: Receives one progress line per file (default: silent unless ``quiet`` is False).
+        cfg: Export settings to start from instead of the run recipe's ``export`` section.
+        quiet: With no ``log``, False prints the progress lines.
+        check: Raise (after writing and recording every file that could be written) when a conversion
+            failed (:class:`ExportError`) or a file misses the tolerance (:class:`CheckFailed`).
+
+    Returns:
+        The report: the files written, failed conversions and files that miss the tolerance. Without
+        ``check``, call :meth:`ExportReport.raise_for_problems` to turn those into errors (the CLI does).
+    """
+    from edgekd.run_dir import resolve_run
+
+    log = log or (print if not quiet else (lambda _msg: None))
+    precisions = parse_precisions(quantize, "--quantize") if quantize is not None else None
+    if formats is not None:
+        bad = [f for f in formats if f not in FORMATS]
+        if bad:
+            raise ExportError(f"unknown format {bad[0]!r}", f"choose from: {', '.join(FORMATS)}")
+        if not formats:
+            raise ExportError("no format selected", "pass --onnx and/or --tflite")
+    rd = run if isinstance(run, RunDir) else resolve_run(run, out)
+    recipe = _load_recipe(rd)
+    cfg = _merge_cfg(rd, recipe, cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
+                     calibration_method=calibration_method, teacher=teacher)
+    student = student_target(rd)
+    targets = [student]
+    if cfg.teacher:
+        if (rd / "teacher.pt").is_file():
+            targets.append(Target("teacher", _model_from_checkpoint(rd / "teacher.pt"), "teacher.pt"))
+        else:
+            log("teacher.pt not found: exporting the student only")
+    changed = rd.verify_artifacts([t.checkpoint for t in targets])
+    if changed:
+        raise RunDirError(f"cannot export: {'; '.join(changed)}", "run `edgekd distill` again")
+    _check_writable(rd)
+    session = _Session(rd, cfg, verify, log)
+    if cfg.nhwc and session.layout != "NCHW":
+        log(f"--nhwc ignored: the inputs are {session.layout}, not images")
+    t0 = time.perf_counter()
+    rd.stage_started("export")
+    report = ExportReport(rd)
+    exporter = _Exporter(session, report)
+
+    def work() -> None:
+        for fmt in cfg.formats:
+            for target in targets:
+                written = exporter.export_fp32(target, fmt)
+                if not written or target.name == "teacher":
+                    continue
+                fp32_entry = exporter.entries[-1]
+                for precision in cfg.quantize:
+                    exporter.quantize(target, fmt, precision, fp32_entry)
+
+    _run_and_record(work, rd, "export", report, session, exporter, t0)
+    if cfg.quantize and report.ok:
+        # Export quantized the student too; record it so `edgekd run` does not quantize the same files again.
+        rd.stage_done("quantize", via="export", precisions=list(cfg.quantize))
+    if check:
+        report.raise_for_problems()
+    return report
+
+
+def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.PathLike = "exported", *,
+                 precisions: list[str] | str | None = None, files: list[str] | None = None,
+                 int8_io: str | None = None, calibration_method: str | None = None, verify: bool = True,
+                 log: Log | None = None, cfg: ExportConfig | None = None, quiet: bool = True,
+                 check: bool = False) -> ExportReport:
+    """Post-training quantization of fp32 files already exported into the run (see :func:`run_export`).
+
+    Args:
+        run: Run directory (default: the most recent run in ``out``).
+        out: Where runs live.
+        precisions: ``fp16``, ``int8``, ``dynamic`` (default: ``export.quantize`` of the recipe).
+        files: fp32 files to quantize (default: every fp32 student file in metadata.json).
+        int8_io: Inputs/outputs of full-integer TFLite files.
+        calibration_method: ONNX Runtime calibration method.
+        verify: Check every new file against the PyTorch model on the test split.
+        log: Receives one progress line per file.
+        cfg: Export settings to start from instead of the run recipe's ``export`` section.
+        quiet: With no ``log``, False prints the progress lines.
+        check: Raise after recording when a quantization failed or a file misses the tolerance.
+    """
+    from edgekd.run_dir import resolve_run
+
+    log = log or (print if not quiet else (lambda _msg: None))
+    wanted = parse_precisions(precisions, "--precision") if precisions is not None else None
+    rd = run if isinstance(run, RunDir) else resolve_run(run, out)
+    recipe = _load_recipe(rd)
+    cfg = _merge_cfg(rd, recipe, cfg, quantize=wanted, int8_io=int8_io, calibration_method=calibration_method)
+    if not cfg.quantize:
+        raise ExportError("no precision to quantize to", "pass --precision int8 (or fp16, dynamic)")
+    meta = meta_mod.read_metadata(rd)
+    fp32 = [e for e in meta["models"] if e.get("precision") == "fp32"]
+    if files:
+        names = {Path(f).name for f in files}
+        unknown = sorted(names - {e["file"] for e in fp32})
+        if unknown:
+            listed = ", ".join(e["file"] for e in fp32) or "none"
+            raise ExportError(f"{unknown[0]} is not an exported fp32 file of {rd.path}",
+                              f"fp32 files: {listed}; run `edgekd export` first")
+        chosen = [e for e in fp32 if e["file"] in names]
+    else:
+        chosen = [e for e in fp32 if e["model"] != "teacher"]
+    if not chosen:
+        raise RunDirError(f"run {rd.path} has no exported fp32 student file to quantize",
+                          "run `edgekd export` first")
+    for e in chosen:
+        path = rd / e["file"]
+        if not path.is_file():
+            raise RunDirError(f"{e['file']} is listed in metadata.json but missing", "run `edgekd export` again")
+        if sha256_file(path) != e.get("sha256"):
+            raise RunDirError(f"{e['file']} changed since it was exported (sha256 mismatch: truncated or edited)",
+                              "run `edgekd export` again")
+    _check_writable(rd)
+    session = _Session(rd, cfg, verify, log)
+    targets: dict[str, Target] = {}
+    t0 = time.perf_counter()
+    rd.stage_started("quantize")
+    report = ExportReport(rd)
+    exporter = _Exporter(session, report)
+
+    def work() -> None:
+        for e in chosen:
+            if e["model"] not in targets:
+                targets[e["model"]] = _target_for(rd, e["model"])
+            for precision in cfg.quantize:
+                exporter.quantize(targets[e["model"]], e["format"], precision, e)
+
+    _run_and_record(work, rd, "quantize", report, session, exporter, t0)
+    if check:
+        report.raise_for_problems()
+    return report
+
+
+def _target_for(rd: RunDir, model: str) -> Target:
+    if model in ("student", "student_pruned"):
+        target = student_target(rd)
+        if target.name != model:
+            raise RunDirError(f"the run's best student is now {target.name}, but the files are of {model}",
+                              "run `edgekd export` again")
+        return target
+    path = rd / f"{model}.pt"
+    if not path.is_file():
+        raise RunDirError(f"run {rd.path} has no {model}.pt for the files of {model}")
+    return Target(model, _model_from_checkpoint(path), path.name)
+
+
+def summary_table(run_dir: str | os.PathLike | RunDir) -> str:
+    """A table of the run's exported files: file, size, accuracy, agreement, parity, verified.
+
+    Ends with the size and accuracy of the smallest int8 student file relative to the fp32 teacher file.
+    """
+    from edgekd.summary import table
+
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    meta = meta_mod.read_metadata(rd)
+    metrics = rd.metrics()
+    rows = []
+    for e in meta["models"]:
+        m = metrics.get(e["file"], {})
+        acc = m.get("test_accuracy")
+        agree = m.get("agreement")
+        par = m.get("parity")
+        verified = {True: "ok", False: "FAILED", None: "-"}[e.get("verified")]
+        rows.append([e["file"], _fmt_size(e["size_bytes"]), "-" if acc is None else f"{acc:.4f}",
+                     "-" if agree is None else f"{100 * agree:.2f}%", "-" if par is None else f"{par:.1e}", verified])
+    text = table(["file", "size", "accuracy", "agreement", "parity", "verified"], rows)
+    lines = [text]
+    for fmt in FORMATS:
+        t = metrics.get(f"teacher_fp32.{fmt}")
+        students = [e for e in meta["models"] if e["format"] == fmt and e["precision"] == "int8"
+                    and e["model"] != "teacher"]
+        if t and students:
+            s = min(students, key=lambda e: e["size_bytes"])
+            sm = metrics.get(s["file"], {})
+            ratio = t["size_bytes"] / max(1, s["size_bytes"])
+            line = f"{s['file']}: {ratio:.1f}x smaller than teacher_fp32.{fmt}"
+            if sm.get("test_accuracy") is not None and t.get("test_accuracy"):
+                line += f", {100 * sm['test_accuracy'] / t['test_accuracy']:.1f}% of its accuracy"
+            lines.append(line)
+    lines.append(f"metadata: {rd / meta_mod.METADATA}")
+    return "\n".join(lines)

@@ -1,0 +1,369 @@
+"""TFLite export with litert-torch, and quantization by two routes.
+
+Routes:
+
+* ``ai-edge-quantizer``: quantizes the already-exported (and verified) fp32 ``.tflite`` file — static
+  full-integer int8 with calibration, dynamic-range int8, or fp16 weights (float casting).
+* ``litert-torch-pt2e``: quantizes the PyTorch graph with PT2E (torchao observers, per-channel weights) and
+  converts it again with litert-torch — static int8 or dynamic-range int8.
+
+Both routes produce int8 model inputs/outputs for static int8; :func:`retype_io` then gives the file float32
+or uint8 I/O if asked, by inserting QUANTIZE / DEQUANTIZE operators at the graph boundary (the same thing
+TensorFlow's converter does with ``inference_input_type``), so apps pick the I/O type they can feed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekd.errors import ExportError
+from edgekd.export.common import conversion_error, quiet
+from edgekd.run_dir import atomic_path
+
+ROUTE_FP32 = "litert-torch"
+ROUTE_AEQ = "ai-edge-quantizer"
+ROUTE_PT2E = "litert-torch-pt2e"
+# PT2E first: its histogram observers calibrate activations more accurately than min/max (measured on the
+# default recipe, see benchmarks/export_parity.py); ai-edge-quantizer is the fallback that works on graphs
+# PT2E cannot convert, and it needs only the .tflite file.
+TFLITE_ROUTES = (ROUTE_PT2E, ROUTE_AEQ)
+IO_SUFFIX = b"_int8"
+
+
+class _ChannelsLast(nn.Module):
+    """Takes NHWC input and feeds the wrapped NCHW model: the permute is folded into the exported graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.permute(0, 3, 1, 2))
+
+
+def _file_model(model: nn.Module, sample: torch.Tensor, nhwc: bool) -> tuple[nn.Module, torch.Tensor]:
+    """The module and sample input the .tflite file is traced from (NHWC-wrapped for image models)."""
+    model = model.eval()
+    if nhwc and sample.ndim == 4:
+        return _ChannelsLast(model).eval(), sample.permute(0, 2, 3, 1).contiguous()
+    return model, sample
+
+
+def export_tflite(model: nn.Module, sample: torch.Tensor, path: Path, *, nhwc: bool = False,
+                  what: str = "the model") -> str:
+    """Convert ``model`` to a fp32 .tflite file with litert-torch (batch 1, like apps run it).
+
+    Args:
+        model: The PyTorch model (NCHW or NF input).
+        sample: One normalized input, shape ``(1, *input_shape)``, NCHW.
+        path: Destination; written atomically.
+        nhwc: Make the file take channels-last input (image models only).
+        what: Name of the model for error messages.
+
+    Returns:
+        The route name.
+
+    Raises:
+        ExportError: The conversion failed; the message names the operator when the converter does.
+    """
+    with quiet():  # litert-torch and TensorFlow's runtime log a screenful on import
+        import litert_torch
+
+    file_model, file_sample = _file_model(model, sample, nhwc)
+    with atomic_path(path) as tmp:
+        try:
+            with quiet(), torch.no_grad():
+                edge = litert_torch.convert(file_model, (file_sample,))
+                edge.export(str(tmp))
+        except Exception as e:  # converters raise anything from RuntimeError to AssertionError
+            raise conversion_error("tflite", what, e, "litert-torch") from None
+    return ROUTE_FP32
+
+
+# -- quantization ---------------------------------------------------------------------------------------
+
+def _signature(model_bytes: bytes) -> tuple[str, str]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=model_bytes)
+    sigs = it.get_signature_list()
+    if not sigs:
+        raise ExportError("the fp32 .tflite file has no signature; export it again with `edgekd export`")
+    key = next(iter(sigs))
+    return key, sigs[key]["inputs"][0]
+
+
+def _read_tflite(path: Path) -> bytes:
+    data = Path(path).read_bytes()
+    # A flatbuffer's file identifier sits at bytes 4..8; a truncated or foreign file fails here first.
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ExportError(f"{Path(path).name} is not a valid .tflite file (truncated or damaged)",
+                          "export it again with `edgekd export`")
+    return data
+
+
+def quantize_aeq(fp32_path: Path, out_path: Path, precision: str, calib: np.ndarray | None,
+                 io_type: str = "float32") -> None:
+    """Quantize a fp32 .tflite file with ai-edge-quantizer.
+
+    Args:
+        fp32_path: The fp32 file (its input layout is the layout of ``calib``).
+        out_path: Destination; written atomically.
+        precision: ``int8`` (static, full integer), ``dynamic`` (dynamic-range int8 weights) or ``fp16``.
+        calib: Normalized calibration inputs in the file's layout (``int8`` only).
+        io_type: ``int8`` only: ``float32``, ``int8`` or ``uint8`` model inputs/outputs.
+    """
+    with quiet():
+        from ai_edge_quantizer import qtyping, quantizer, recipe
+        from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    data = _read_tflite(fp32_path)
+    q = quantizer.Quantizer(data)
+    if precision == "int8":
+        q.load_quantization_recipe(recipe.static_wi8_ai8())
+    elif precision == "dynamic":
+        q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    elif precision == "fp16":
+        q.add_weight_only_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 16,
+                                 algorithm_key=AlgorithmName.FLOAT_CASTING)
+    else:
+        raise ExportError(f"unknown precision {precision!r} for ai-edge-quantizer")
+    with quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibration = None
+        if q.need_calibration:
+            if calib is None or not len(calib):
+                raise ExportError("static int8 needs calibration samples")
+            key, name = _signature(data)
+            calibration = q.calibrate({key: [{name: calib[i:i + 1]} for i in range(len(calib))]},
+                                      num_threads=min(4, os.cpu_count() or 1))
+        result = q.quantize(calibration, enable_progress_report=False, enable_progress_bar=False)
+    model = bytes(result.quantized_model)
+    if precision == "int8" and io_type != "int8":
+        model = retype_io(model, io_type)
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(model)
+
+
+def quantize_pt2e(model: nn.Module, sample: torch.Tensor, out_path: Path, precision: str,
+                  calib: np.ndarray | None, *, nhwc: bool = False, io_type: str = "float32",
+                  what: str = "the model") -> None:
+    """Quantize the PyTorch graph with PT2E and convert it with litert-torch.
+
+    Args:
+        model: The fp32 PyTorch model (NCHW/NF input).
+        sample: One normalized NCHW/NF input (batch 1).
+        out_path: Destination; written atomically.
+        precision: ``int8`` (static) or ``dynamic``.
+        calib: Normalized NCHW/NF calibration inputs (``int8`` only).
+        nhwc: Make the file take channels-last input.
+        io_type: ``int8`` only: ``float32``, ``int8`` or ``uint8`` model inputs/outputs.
+        what: Name of the model for error messages.
+    """
+    with quiet():  # torchao warns about optional CUDA kernels on import
+        import litert_torch
+        from litert_torch.quantize import pt2e_quantizer, quant_config
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e import quantize_pt2e as pt2e
+
+    if precision not in ("int8", "dynamic"):
+        raise ExportError(f"the PT2E route has no {precision} quantization")
+    file_model, file_sample = _file_model(model, sample, nhwc)
+    dynamic = precision == "dynamic"
+    with atomic_path(out_path) as tmp:
+        with quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                graph = torch.export.export(file_model, (file_sample,)).module()
+                quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+                    pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+                prepared = pt2e.prepare_pt2e(graph, quantizer)
+                move_exported_model_to_eval(prepared)
+                with torch.no_grad():
+                    # The graph is traced at batch 1 (as the .tflite runs): calibrate one sample at a time.
+                    samples = [file_sample] if calib is None or dynamic else [
+                        _to_file_layout(torch.from_numpy(calib[i:i + 1]), nhwc) for i in range(len(calib))]
+                    for xb in samples:
+                        prepared(xb)
+                converted = pt2e.convert_pt2e(prepared, fold_quantize=False)
+                edge = litert_torch.convert(converted, (file_sample,),
+                                            quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer))
+                edge.export(str(tmp))
+            except Exception as e:
+                raise conversion_error("tflite (PT2E)", what, e, "litert-torch PT2E") from None
+        if precision == "int8" and io_type != "int8":
+            data = tmp.read_bytes()
+            if _has_int8_io(data):
+                tmp.write_bytes(retype_io(data, io_type))
+
+
+def _to_file_layout(x: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous() if nhwc and x.ndim == 4 else x
+
+
+def _has_int8_io(data: bytes) -> bool:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=data)
+    return it.get_input_details()[0]["dtype"] == np.int8
+
+
+def retype_io(model_bytes: bytes, io_type: str) -> bytes:
+    """Give a full-integer model with int8 inputs/outputs float32 or uint8 inputs/outputs instead.
+
+    float32: a QUANTIZE op after each input and a DEQUANTIZE op before each output. uint8: a QUANTIZE op
+    (uint8 ↔ int8 requantization, zero point shifted by 128, same scale) at each end. The original int8
+    tensors keep their quantization, so the arithmetic inside the model is unchanged.
+    """
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    if io_type == "int8":
+        return model_bytes
+    if io_type not in ("float32", "uint8"):
+        raise ExportError(f"unknown int8 I/O type {io_type!r}", "choose float32, int8 or uint8")
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    sg = model.subgraphs[0]
+    new_type = fb.TensorType.FLOAT32 if io_type == "float32" else fb.TensorType.UINT8
+
+    def opcode(code: int) -> int:
+        for i, oc in enumerate(model.operatorCodes):
+            if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code:
+                oc.version = max(oc.version, 2)
+                return i
+        oc = fb.OperatorCodeT()
+        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 2
+        model.operatorCodes.append(oc)
+        return len(model.operatorCodes) - 1
+
+    def boundary_tensor(idx: int) -> int:
+        src = sg.tensors[idx]
+        if src.type != fb.TensorType.INT8 or src.quantization is None or not src.quantization.scale:
+            raise ExportError("retype_io needs a model with quantized int8 inputs and outputs")
+        t = fb.TensorT()
+        # The new boundary tensor takes over the public name; apps and signatures look tensors up by it.
+        t.name, src.name = src.name, (src.name or b"io") + IO_SUFFIX
+        t.shape = list(src.shape)
+        t.shapeSignature = None if src.shapeSignature is None else list(src.shapeSignature)
+        t.type, t.buffer, t.hasRank = new_type, 0, src.hasRank
+        if new_type == fb.TensorType.UINT8:
+            qp = fb.QuantizationParametersT()
+            qp.scale = [float(s) for s in src.quantization.scale]
+            qp.zeroPoint = [int(z) + 128 for z in src.quantization.zeroPoint]
+            qp.quantizedDimension = 0
+            t.quantization = qp
+        sg.tensors.append(t)
+        return len(sg.tensors) - 1
+
+    remap: dict[int, int] = {}
+    for pos, idx in enumerate(list(sg.inputs)):
+        new = boundary_tensor(idx)
+        op = fb.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = opcode(fb.BuiltinOperator.QUANTIZE), [new], [idx]
+        sg.operators.insert(0, op)
+        sg.inputs[pos] = remap[idx] = new
+    out_code = fb.BuiltinOperator.DEQUANTIZE if io_type == "float32" else fb.BuiltinOperator.QUANTIZE
+    for pos, idx in enumerate(list(sg.outputs)):
+        new = boundary_tensor(idx)
+        op = fb.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = opcode(out_code), [idx], [new]
+        sg.operators.append(op)
+        sg.outputs[pos] = remap[idx] = new
+    for sig in model.signatureDefs or []:
+        for tm in list(sig.inputs or []) + list(sig.outputs or []):
+            tm.tensorIndex = remap.get(tm.tensorIndex, tm.tensorIndex)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+# -- reading files back -----------------------------------------------------------------------------------
+
+def describe_tflite(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Input and output of a .tflite file as the interpreter reports them: name, shape, dtype, quantization."""
+    from edgekd.runtimes.base import _tflite_interpreter_class
+
+    cls, _ = _tflite_interpreter_class()
+    try:
+        it = cls(model_path=str(path))
+    except Exception as e:
+        raise ExportError(f"LiteRT cannot load {Path(path).name}: {str(e).strip().splitlines()[0][:200]}") from None
+    return _io_spec(it.get_input_details()[0]), _io_spec(it.get_output_details()[0])
+
+
+def _io_spec(d: dict[str, Any]) -> dict[str, Any]:
+    scale, zero_point = d.get("quantization", (0.0, 0))
+    quant = {"scale": float(scale), "zero_point": int(zero_point)} if scale else None
+    return {"name": d["name"], "shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+            "quantization": quant}
+
+
+def tflite_layers(path: Path, x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+    """Run prepared inputs (batch of samples) through a .tflite file and return every op's output.
+
+    Returns ``[(op type, tensor name, float values stacked over samples)]`` in execution order; integer
+    tensors are dequantized with their own scale and zero point. QUANTIZE/DEQUANTIZE ops are skipped (they
+    only move between representations).
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    ops = [o for o in it._get_ops_details() if o["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "DELEGATE")]
+    values: dict[int, list[np.ndarray]] = {o["outputs"][0]: [] for o in ops if len(o["outputs"])}
+    for i in range(len(x)):
+        it.set_tensor(inp["index"], x[i:i + 1])
+        it.invoke()
+        for idx in values:
+            values[idx].append(_dequantized(it.get_tensor(idx), details[idx]))
+    out = []
+    for o in ops:
+        if len(o["outputs"]):
+            name = details[o["outputs"][0]]["name"]
+            if name.endswith(IO_SUFFIX.decode()):  # the int8 tensor behind a retyped model output
+                name = name[: -len(IO_SUFFIX)]
+            out.append((o["op_name"], name, layer_label(o["op_name"], name), np.concatenate(values[o["outputs"][0]])))
+    return out
+
+
+def _dequantized(v: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    if np.issubdtype(v.dtype, np.integer):
+        qp = detail.get("quantization_parameters") or {}
+        scales = np.asarray(qp.get("scales", []), np.float32)
+        zps = np.asarray(qp.get("zero_points", []), np.float32)
+        if scales.size == 1:
+            return (v.astype(np.float32) - zps[0]) * scales[0]
+        return v.astype(np.float32)
+    return v.astype(np.float32)
+
+
+def layer_label(op: str, name: str) -> str:
+    """A readable layer name from a litert-torch tensor name.
+
+    litert-torch names a tensor after the module path of every PyTorch module fused into it, separated by
+    ``;`` (``.../Sequential_features/...ReLU_2;;.../BatchNorm2d_1;;.../Conv2d_0;2``); the label lists the
+    module names, innermost last: ``features: ReLU_2+BatchNorm2d_1+Conv2d_0 (CONV_2D)``.
+    """
+    mods, scope = [], ""
+    for part in name.split(";"):
+        path = part.split("/")
+        if len(path) < 2:
+            continue
+        leaf = path[-1].rsplit(".", 1)[-1]
+        scope = "/".join(p.rsplit(".", 1)[-1].split("_", 1)[-1] for p in path[1:-1]) or scope
+        if leaf not in mods:
+            mods.append(leaf)
+    if not mods:
+        return f"{name} ({op})"
+    return f"{scope + ': ' if scope else ''}{'+'.join(mods)} ({op})"
+
