@@ -246,7 +246,16 @@ def _read_folder(cfg: DataConfig):
     return read, len(files), np.asarray(labels, dtype=np.int64), classes, f"folder {root}"
 
 
-READERS = {"mnist": _read_mnist, "digits": _read_digits, "npz": _read_npz, "csv": _read_csv, "folder": _read_folder}
+def _read_text(cfg: DataConfig):
+    from edgekd.data.text import read_text
+
+    return read_text(cfg)
+
+
+READERS = {"mnist": _read_mnist, "digits": _read_digits, "npz": _read_npz, "csv": _read_csv, "folder": _read_folder,
+           "text": _read_text}
+# Datasets whose samples are token ids: standardizing them would destroy the ids.
+TOKEN_DATASETS = {"text"}
 
 
 def _stats(read: Callable[[int], np.ndarray], indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +303,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     sample = read(int(tr[0]))
     shape = tuple(int(d) for d in sample.shape)
     layout = "NF" if len(shape) == 1 else "NCHW"
-    if cfg.normalize:
+    if cfg.normalize and cfg.dataset not in TOKEN_DATASETS:
         mean, std = _stats(read, tr)
     else:
         mean, std = np.zeros(shape[0]), np.ones(shape[0])

@@ -29,14 +29,26 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def list_models() -> list[str]:
-    """Names of the built-in models."""
+def list_models(include_hf: bool = False) -> list[str]:
+    """Names of the built-in zoo models (with ``include_hf``, also the ``hf_*`` transformers wrappers)."""
     _load_zoo()
-    return sorted(_REGISTRY)
+    if include_hf:
+        return sorted(set(_REGISTRY) | set(_LAZY))
+    return sorted(n for n in _REGISTRY if n not in _LAZY)  # the same list whether or not hf.py was imported
 
 
 def _load_zoo() -> None:
     import edgekd.models.zoo  # noqa: F401  (registers the built-in models)
+
+
+# Registered on first use: importing `transformers` takes seconds, and `edgekd --help` must stay instant.
+_LAZY = {"hf_vit": "edgekd.models.hf", "hf_bert": "edgekd.models.hf", "hf_image": "edgekd.models.hf",
+         "hf_text": "edgekd.models.hf"}
+
+
+def _load_lazy(name: str) -> None:
+    if name in _LAZY and name not in _REGISTRY:
+        importlib.import_module(_LAZY[name])
 
 
 def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
@@ -49,8 +61,9 @@ def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kw
         **kwargs: The factory's knobs (width, depth, ...).
     """
     _load_zoo()
+    _load_lazy(name)
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        close = difflib.get_close_matches(name, list(_REGISTRY) + list(_LAZY), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"built-in models: {', '.join(sorted(_REGISTRY))}"
         raise ModelError(f"unknown model {name!r}", hint)
     return _call(_REGISTRY[name], name, input_shape, num_classes, kwargs)

@@ -1,0 +1,284 @@
+"""Device selection and data-parallel training with PyTorch's own engine (``torchrun`` + DistributedDataParallel).
+
+``torchrun --nproc_per_node=N -m edgekd distill recipe.yaml`` starts N processes with ``WORLD_SIZE``/``RANK``/
+``LOCAL_RANK`` in their environment; :func:`setup` then joins the process group (gloo on CPU, NCCL on CUDA).
+Multi-node runs use torchrun's usual ``--nnodes``/``--rdzv-endpoint`` flags; nothing here changes.
+
+How a distributed run stays equivalent to a one-process run of the same recipe:
+
+* ``data.batch_size`` stays the GLOBAL batch: each of N ranks takes ``batch_size / N`` samples per step, and
+  DDP averages the gradients, so a step sees the same samples and (up to float summation order) the same
+  gradient as one process would.
+* Every rank draws the same permutation of the train split as the one-process loader (``torch.randperm`` with
+  the epoch's generator), padded to a multiple of N, and rank ``r`` takes positions ``r, r+N, ...``: global batch
+  ``k`` is then exactly the one-process batch ``k`` (only the last, partial batch can differ by padding).
+* Teacher logits are cached for the whole train split on every rank and looked up by sample index, so the
+  cache is correct whatever shard a rank holds.
+* Validation runs on the full val split on every rank with identical weights, so every rank picks the same
+  best epoch without communication; the logged train loss is all-reduced.
+* Only rank 0 writes the run directory (the CLI gives other ranks a throw-away scratch directory).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from edgekd.errors import DataError, RecipeError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+_DEVICE: torch.device = torch.device("cpu")
+
+
+# -- process group --------------------------------------------------------------------------------------
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` set by torchrun (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise RecipeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number", "launch with torchrun") from None
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """True on the process that writes files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The training device: ``auto`` picks CUDA, then Apple MPS, then CPU; others force one.
+
+    Under torchrun each process uses CUDA device ``LOCAL_RANK``.
+
+    Raises:
+        RecipeError: The device is unknown or not available on this machine.
+    """
+    if name not in DEVICES:
+        raise RecipeError(f"unknown device {name!r}", f"choose one of: {', '.join(DEVICES)}")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError("--device cuda: no CUDA device is available", "use --device auto or cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if name == "mps" and not has_mps:
+        raise RecipeError("--device mps: Apple MPS is not available", "use --device auto or cpu")
+    return torch.device(name)
+
+
+def device() -> torch.device:
+    """The device chosen by :func:`setup` (CPU unless set)."""
+    return _DEVICE
+
+
+def setup(device_name: str = "auto") -> dict[str, Any]:
+    """Pick the device and, under torchrun (``WORLD_SIZE`` > 1), join the process group.
+
+    Returns:
+        ``{"world_size", "rank", "backend", "device"}`` for the run's records.
+    """
+    global _DEVICE
+    _DEVICE = resolve_device(device_name)
+    n = env_world_size()
+    backend = None
+    if n > 1 and not is_distributed():
+        if _DEVICE.type == "mps":
+            raise RecipeError("torchrun with --device mps is not supported (no MPS process-group backend)",
+                              "use --device cpu for several processes on one Mac")
+        backend = "nccl" if _DEVICE.type == "cuda" else "gloo"
+        if _DEVICE.type == "cuda":
+            torch.cuda.set_device(_DEVICE)
+        torch.distributed.init_process_group(backend=backend)
+    elif is_distributed():
+        backend = torch.distributed.get_backend()
+    return {"world_size": world_size(), "rank": rank(), "backend": backend, "device": str(_DEVICE)}
+
+
+def teardown() -> None:
+    """Leave the process group (after a barrier, so rank 0 finishes writing before anyone exits)."""
+    global _DEVICE
+    if is_distributed():
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+    _DEVICE = torch.device("cpu")
+
+
+# -- training helpers (no-ops in a single process) -------------------------------------------------------
+
+def local_batch_size(global_batch: int, n_train: int) -> int:
+    """Samples per rank and step, so that the global batch stays ``data.batch_size``.
+
+    Raises:
+        DataError: The batch or the train split cannot be split evenly over the processes.
+    """
+    n = world_size()
+    if n == 1:
+        return global_batch
+    if global_batch % n:
+        raise DataError(f"data.batch_size {global_batch} cannot be split over {n} processes",
+                        f"use a batch size divisible by {n} or another --nproc_per_node")
+    if n_train < n:
+        raise DataError(f"the train split has {n_train} samples, fewer than the {n} processes",
+                        "use fewer processes or more data")
+    return global_batch // n
+
+
+def steps_per_epoch(n_train: int, local_batch: int) -> int:
+    """Optimizer steps per epoch on every rank (the same on all ranks, else DDP would hang)."""
+    return math.ceil(math.ceil(n_train / world_size()) / local_batch)
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's share of the one-process shuffle order (see the module docstring)."""
+
+    def __init__(self, n: int, generator: torch.Generator, rank_: int, world: int):
+        self.n, self.generator, self.rank, self.world = n, generator, rank_, world
+        self.per_rank = math.ceil(n / world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        order += order[: self.per_rank * self.world - self.n]  # pad so every rank runs the same number of steps
+        return iter(order[self.rank:: self.world])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def train_loader(data, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """The shuffled train loader: the plain one in one process, this rank's shard under torchrun."""
+    if not is_distributed():
+        return data.loader("train", batch_size, shuffle=True, generator=generator)
+    sampler = ShardSampler(len(data.train), generator, rank(), world_size())
+    # The generator is passed too: the loader draws its base seed from it first, exactly as the shuffling
+    # one-process loader does, so the permutation below is the same draw on both.
+    return DataLoader(data.train, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=False,
+                      generator=generator)
+
+
+class Autocast(nn.Module):
+    """Runs ``model`` under ``torch.autocast`` (bf16) and returns float32 logits, so losses stay in float32.
+
+    Only the training forward pass is wrapped: evaluation, checkpoints and exports see the plain model.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type if x.device.type in ("cuda", "cpu", "mps") else "cpu"
+        with torch.autocast(device_type=device_type, dtype=self.dtype):
+            out = self.model(x)
+        return out.float()
+
+
+def wrap(model: nn.Module | None, amp: str = "off") -> nn.Module | None:
+    """The module the training loop calls: ``model``, in bf16 autocast if asked, in DDP under a process group.
+
+    DDP averages the gradients over ranks; the wrappers share ``model``'s parameters, so the optimizer,
+    checkpoints and best-weights copies keep using ``model`` itself.
+    """
+    if model is None:
+        return model
+    if amp == "bf16":
+        model = Autocast(model)
+    elif amp != "off":
+        raise RecipeError(f"amp {amp!r} is not supported", "use off or bf16")
+    if not is_distributed() or not any(p.requires_grad for p in model.parameters()):
+        return model
+    ids = [_DEVICE.index] if _DEVICE.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def sync_grads(module: nn.Module | None) -> None:
+    """Average gradients of parameters outside DDP (a loss's learned projections) over the ranks."""
+    if module is None or not is_distributed():
+        return
+    n = world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= n
+
+
+def global_mean(total: float, count: int) -> float:
+    """``sum(total) / sum(count)`` over the ranks (the train loss of the whole epoch)."""
+    if not is_distributed():
+        return total / max(count, 1)
+    t = torch.tensor([float(total), float(count)], dtype=torch.float64,
+                     device=_DEVICE if _DEVICE.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(t)
+    return float(t[0] / max(t[1], 1.0))
+
+
+def record(rd, info: dict[str, Any]) -> None:
+    """Write the distributed settings into the run's metrics.json (``distributed``) and manifest (distill stage)."""
+    rd.update_metrics("distributed", info)
+    manifest = rd.manifest()
+    manifest.setdefault("stages", {}).setdefault("distill", {}).update(
+        {"world_size": info["world_size"], "backend": info["backend"], "device": info["device"]})
+    manifest["world_size"] = info["world_size"]
+    rd._write_manifest(manifest)
+
+
+def run_distill_everywhere(recipe, out, device_name: str = "auto", resume: bool = False, quiet: bool = False,
+                           allow_pickle: bool = False):
+    """``edgekd distill`` on this process: alone, or as one rank of a torchrun job.
+
+    Rank 0 writes the run directory in ``out`` and records the world size; other ranks train in step with it
+    (DDP needs them) but write into a scratch directory removed at the end.
+
+    Returns:
+        The run directory on rank 0, None on other ranks.
+    """
+    import shutil
+    import tempfile
+
+    from edgekd.distill.pipeline import run_distill
+
+    if env_world_size() > 1 and resume:
+        raise RecipeError("--resume is not supported under torchrun yet", "resume with a single process")
+    n = env_world_size()
+    if n > 1 and recipe.data.batch_size % n:  # checked before anything is written (fit checks it again)
+        raise DataError(f"data.batch_size {recipe.data.batch_size} cannot be split over {n} processes",
+                        f"use a batch size divisible by {n} or another --nproc_per_node")
+    info = setup(device_name)
+    ok = False
+    try:
+        if is_main():
+            rd = run_distill(recipe, out=out, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
+            record(rd, {k: info[k] for k in ("world_size", "backend", "device")})
+        else:
+            scratch = tempfile.mkdtemp(prefix=f"edgekd-rank{rank()}-")
+            try:
+                run_distill(recipe, out=scratch, resume=False, quiet=True, allow_pickle=allow_pickle)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            rd = None
+        ok = True
+        return rd
+    finally:
+        if ok:
+            teardown()
+        elif is_distributed():  # no barrier: the other ranks may never reach it
+            torch.distributed.destroy_process_group()
