@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/edgekd distill
+	$(BIN)/edgekd run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -82,17 +82,23 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 @click.argument("recipe", required=False)
 @recipe_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="Training device (auto: CUDA, then MPS, then CPU). Under torchrun, one process per device.")
 def distill(recipe: str | None, out: str, name: str | None, seed: int | None, overrides: tuple[str, ...],
-            resume: bool, quiet: bool, allow_pickle: bool) -> None:
-    """Train (or load) the teacher, then distill the student; RECIPE defaults to the built-in mnist recipe."""
+            resume: bool, quiet: bool, allow_pickle: bool, device: str) -> None:
+    """Train (or load) the teacher, then distill the student; RECIPE defaults to the built-in mnist recipe.
+
+    For several processes: torchrun --nproc_per_node=N -m edgekd distill RECIPE (DDP; rank 0 writes the run).
+    """
     from edgekd.recipe import load_recipe
 
     r = load_recipe(recipe, overrides, name=name, seed=seed)
-    from edgekd.distill import run_distill
+    from edgekd.distill.distributed import run_distill_everywhere
     from edgekd.summary import distill_summary
 
-    rd = run_distill(r, out=out, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
-    click.echo(distill_summary(rd))
+    rd = run_distill_everywhere(r, out=out, device_name=device, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
+    if rd is not None:
+        click.echo(distill_summary(rd))
 
 
 @cli.command("losses")
@@ -104,6 +110,35 @@ def list_losses() -> None:
         click.echo(f"{name:10s} {doc}")
 
 
+@cli.command("sweep")
+@click.argument("recipe", required=False)
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Finished trials the study should hold; running again continues up to this number.")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db); share one "
+              "database URL to run trials on several machines.")
+@click.option("--study-name", default=None, help="Study name (default: <recipe name>-sweep).")
+@click.option("--losses", "loss_names", default=None, metavar="NAMES",
+              help="Also choose the loss among these, comma-separated (e.g. kd,dkd).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for the study, teacher, best_recipe.yaml and trials.png (default: sweeps/<study name>).")
+@click.option("--seed", type=int, default=None, help="Random seed (overrides the recipe's `seed`).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@click.option("--allow-pickle", is_flag=True, help="Allow teacher checkpoints that need unpickling (trusted files only).")
+def sweep_cmd(recipe: str | None, trials: int, storage: str | None, study_name: str | None, loss_names: str | None,
+              out: str | None, seed: int | None, overrides: tuple[str, ...], quiet: bool, allow_pickle: bool) -> None:
+    """Tune distill.loss (temperature, alpha or loss weights; optionally which loss) on validation with Optuna."""
+    from edgekd.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides, seed=seed)
+    from edgekd.sweep import run_sweep
+
+    names = [n.strip() for n in loss_names.split(",") if n.strip()] if loss_names else None
+    result = run_sweep(r, trials=trials, out=out, storage=storage, study_name=study_name, loss_names=names,
+                       quiet=quiet, allow_pickle=allow_pickle)
+    click.echo(result.summary())
+
+
 @cli.command("models")
 def list_models() -> None:
     """List the built-in model architectures."""
@@ -113,6 +148,247 @@ def list_models() -> None:
     for name in names():
         doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name:12s} {doc}")
+
+
+@cli.command()
+@click.option("--run", "run", default=None, type=click.Path(file_okay=False), help="Run directory (default: latest in --out).")
+@click.option("--out", "out", default="exported", show_default=True, help="Where runs live (for the default --run).")
+@click.option("--dest", default=None, type=click.Path(file_okay=False), help="Bundle folder (default: RUN/bundle).")
+def bundle(run: str | None, out: str, dest: str | None) -> None:
+    """Gather what a device needs (models, metadata, eval set, bench.py) into one folder to copy over."""
+    from pathlib import Path
+
+    from edgekd.bundle import make_bundle
+    from edgekd.run_dir import resolve_run
+
+    rd = resolve_run(run, out)
+    path = make_bundle(rd.path, Path(dest) if dest else None)
+    click.echo(f"bundle: {path}\ncopy it to the device and run: python3 bench.py . --json device.json")
+
+
+@cli.command("prune")
+@click.option("--run", "run", default=None, type=click.Path(file_okay=False), help="Run directory (default: latest in --out).")
+@click.option("--out", "out", default="exported", show_default=True, help="Where runs live (for the default --run).")
+@click.option("--ratio", type=float, default=None, help="Fraction of channels to remove, in (0, 1).")
+@click.option("--target-macs", type=float, default=None, help="Instead of --ratio: shrink MACs by this factor.")
+@click.option("--target-params", type=float, default=None, help="Instead of --ratio: shrink params by this factor.")
+@click.option("--steps", type=int, default=None, help="Iterative pruning steps, each followed by KD fine-tuning.")
+@click.option("--importance", default=None, metavar="NAME", help="Channel importance: l1, l2, bn or taylor.")
+@click.option("--finetune-epochs", type=int, default=None, help="KD fine-tuning epochs after each step.")
+@click.option("--protect", multiple=True, metavar="NAME", help="Module never pruned (repeatable; the classifier always is).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-step lines.")
+def prune_cmd(run: str | None, out: str, ratio: float | None, target_macs: float | None, target_params: float | None,
+              steps: int | None, importance: str | None, finetune_epochs: int | None, protect: tuple[str, ...],
+              quiet: bool) -> None:
+    """Remove whole channels of the distilled student (torch-pruning) and recover accuracy by KD fine-tuning.
+
+    Defaults come from the run recipe's `prune` section. Writes RUN/student_pruned.pt and
+    metrics.json["student_pruned"] (accuracy, MACs, params, PyTorch latency before/after).
+    """
+    from edgekd.prune import run_prune, summary
+    from edgekd.run_dir import resolve_run
+
+    rd = run_prune(resolve_run(run, out), ratio=ratio, target_macs=target_macs, target_params=target_params,
+                   steps=steps, importance=importance, finetune_epochs=finetune_epochs, protect=protect, quiet=quiet)
+    click.echo(summary(rd))
+
+
+# -- export / quantize (edgekd/export/) ------------------------------------------------------------------
+
+def _export_options(fn: Callable) -> Callable:
+    decorators = [
+        click.option("--run", "run", default=None, type=click.Path(file_okay=False),
+                     help="Run directory (default: the latest in --out)."),
+        click.option("--out", "out", default="exported", show_default=True, help="Where runs live (for the default --run)."),
+        click.option("--int8-io", type=click.Choice(["float32", "int8", "uint8"]), default=None,
+                     help="Input/output type of full-integer TFLite files (default: the recipe's, else float32)."),
+        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+                     help="ONNX Runtime int8 calibration (default: the recipe's, else minmax)."),
+        click.option("--no-verify", is_flag=True, help="Do not run the files on the test split (no tolerance check)."),
+        click.option("-q", "--quiet", is_flag=True, help="Only the summary table."),
+    ]
+    for deco in reversed(decorators):
+        fn = deco(fn)
+    return fn
+
+
+@cli.command("export")
+@_export_options
+@click.option("--onnx", "onnx_", is_flag=True, help="Write ONNX files (no format flag: both formats).")
+@click.option("--tflite", "tflite_", is_flag=True, help="Write TFLite files (no format flag: both formats).")
+@click.option("--quantize", "quantize", default=None, metavar="LIST",
+              help="Quantized student files to add: fp16,int8,dynamic or none (default: the recipe's, else int8).")
+@click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
+@click.option("--no-teacher", is_flag=True, help="Do not export the teacher (fp32) for comparison.")
+def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
+               quiet: bool, onnx_: bool, tflite_: bool, quantize: str | None, nhwc: bool | None,
+               no_teacher: bool) -> None:
+    """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
+
+    Every file is run in its own runtime on the run's test split: fp32 files must match PyTorch within
+    export.tolerance.fp32_rel, quantized files within min_agreement / max_accuracy_drop (exit 1 otherwise).
+    Writes RUN/metadata.json for apps, and each file's numbers to metrics.json under its file name.
+    """
+    from edgekd.export import run_export, summary_table
+
+    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_)) if on] or None
+    report = run_export(run, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
+                        calibration_method=calibration_method, teacher=False if no_teacher else None,
+                        verify=not no_verify, log=None if quiet else click.echo, check=False)
+    click.echo(summary_table(report.rd))
+    report.raise_for_problems()
+
+
+@cli.command("quantize")
+@_export_options
+@click.option("--precision", "precision", default=None, metavar="LIST",
+              help="fp16,int8,dynamic (default: the recipe's export.quantize, else int8).")
+@click.option("--file", "files", multiple=True, metavar="NAME",
+              help="An exported fp32 file to quantize (repeatable; default: every fp32 student file).")
+def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
+                 quiet: bool, precision: str | None, files: tuple[str, ...]) -> None:
+    """Post-training quantization of fp32 files already written by `edgekd export`, verified the same way."""
+    from edgekd.export import run_quantize, summary_table
+
+    report = run_quantize(run, out, precisions=precision, files=list(files) or None, int8_io=int8_io,
+                          calibration_method=calibration_method, verify=not no_verify,
+                          log=None if quiet else click.echo, check=False)
+    click.echo(summary_table(report.rd))
+    report.raise_for_problems()
+
+
+# -- validate / bench / report / run (edgekd/validate.py, bench.py, report.py, run.py) --------------------
+
+def _run_option(fn: Callable) -> Callable:
+    fn = click.option("--out", "out", default="exported", show_default=True,
+                      help="Where runs live (for the default --run).")(fn)
+    return click.option("--run", "run", default=None, type=click.Path(file_okay=False),
+                        help="Run directory (default: the latest in --out).")(fn)
+
+
+@cli.command("validate")
+@_run_option
+@click.option("--runtime", "runtimes", default=None, metavar="NAMES",
+              help="Only these runtimes, comma-separated: torch, onnxruntime, litert (default: all).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a budget of the run's recipe, e.g. --set validate.max_size_kb=100 (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary table.")
+def validate_cmd(run: str | None, out: str, runtimes: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Accuracy, macro P/R/F1 and agreement with teacher and fp32 student, for every model in every runtime.
+
+    Exits 1 when a budget of the recipe's `validate` section is broken, listing what broke.
+    """
+    from edgekd.bench import read_report
+    from edgekd.run_dir import resolve_run
+    from edgekd.validate import (check_budgets, load_budgets, quick_latency, raise_if_failed, recommend,
+                                 run_validate, validate_summary)
+
+    rd = resolve_run(run, out)
+    budgets = load_budgets(rd, overrides)
+    result = run_validate(rd, runtimes=runtimes, progress=None if quiet else click.echo)
+    click.echo(validate_summary(result))
+    bench = read_report(rd)
+    if budgets is not None and budgets.max_p50_ms is not None and not bench.get("rows"):
+        click.echo("no bench results: measuring batch-1 p50 of the student variants for the latency budget")
+        bench = quick_latency(rd, result)
+    rec = recommend(result, bench, budgets)["recommended"]
+    if rec:
+        click.echo(f"recommended: {rec['file']} ({rec['runtime']})")
+    check = check_budgets(result, bench, budgets)
+    raise_if_failed(check)
+    if any(v is not None for v in check["budgets"].values()):
+        click.echo("budgets: passed")
+
+
+@cli.command("bench")
+@_run_option
+@click.option("--threads", default=None, metavar="N[,N...]", help="Thread counts (default: the recipe's, else 1,2).")
+@click.option("--runs", type=int, default=None, help="Timed runs per measurement (default: the recipe's, else 200).")
+@click.option("--seconds", type=float, default=None, help="Time each measurement this long instead of --runs.")
+@click.option("--warmup", type=int, default=None, help="Untimed runs after the first inference (default 20).")
+@click.option("--batch", type=int, default=None, help="Batch size for latency and throughput (default 1).")
+@click.option("--runtime", "runtimes", default=None, metavar="NAMES",
+              help="Only these runtimes, comma-separated: torch, onnxruntime, litert (default: all).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary table.")
+def bench_cmd(run: str | None, out: str, threads: str | None, runs: int | None, seconds: float | None,
+              warmup: int | None, batch: int | None, runtimes: str | None, quiet: bool) -> None:
+    """Latency (load, first, p50/p90/p99/mean/std), throughput and peak RSS of every model, each in a fresh process.
+
+    Rows go to RUN/report.json.
+    """
+    from edgekd.bench import bench_summary, run_bench
+    from edgekd.run_dir import resolve_run
+
+    if runs is not None and seconds is not None:
+        raise EdgeKDError("give --runs or --seconds, not both")
+    rd = resolve_run(run, out)
+    cfg = _bench_defaults(rd)
+    report = run_bench(rd, threads=threads or cfg["threads"], runs=runs if runs is not None else cfg["runs"],
+                       seconds=seconds, warmup=warmup if warmup is not None else cfg["warmup"],
+                       batch=batch if batch is not None else cfg["batch"], runtimes=runtimes,
+                       progress=None if quiet else click.echo)
+    click.echo(bench_summary(report))
+    click.echo(f"results: {rd / 'report.json'}")
+
+
+def _bench_defaults(rd: Any) -> dict[str, Any]:
+    """The run recipe's `bench` section, or the schema defaults."""
+    from edgekd.recipe import BenchConfig, load_recipe
+
+    cfg = None
+    if (rd / "recipe.yaml").is_file():
+        cfg = load_recipe(rd / "recipe.yaml").bench
+    return (cfg or BenchConfig()).model_dump()
+
+
+@cli.command("report")
+@_run_option
+@click.option("--device", "devices", multiple=True, type=click.Path(dir_okay=False),
+              help="Device results JSON (from device_tests/bench.py), merged as extra rows (repeatable).")
+def report_cmd(run: str | None, out: str, devices: tuple[str, ...]) -> None:
+    """Write RUN/report.md and a self-contained RUN/report.html (tables and plots)."""
+    from edgekd.report import build_report
+    from edgekd.run_dir import resolve_run
+
+    rd = resolve_run(run, out)
+    rep = build_report(rd, list(devices))
+    if rep.get("recommended"):
+        click.echo(f"recommended: {rep['recommended']['file']} ({rep['recommended']['runtime']})")
+    if rep.get("speedup"):
+        click.echo(f"speedup over the PyTorch fp32 teacher: {rep['speedup']['speedup']:.1f}x")
+    click.echo(f"report: {rep['html']}  (and {rep['markdown']})")
+
+
+@cli.command("run")
+@click.argument("recipe", required=False)
+@click.option("--out", "out", default="exported", show_default=True, type=click.Path(file_okay=False),
+              help="Parent directory of run directories.")
+@click.option("--name", "name", default=None, help="Run name (default: the recipe's `name`).")
+@click.option("--seed", type=int, default=None, help="Random seed (overrides the recipe's `seed`).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set bench.runs=50 (repeatable).")
+@click.option("--force", is_flag=True, help="Run every stage again, in a new run directory.")
+@click.option("--device", "devices", multiple=True, type=click.Path(dir_okay=False),
+              help="Device results JSON to merge into the report (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-model lines.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow checkpoints that need unpickling (runs code from the file: trusted files only).")
+def run_cmd(recipe: str | None, out: str, name: str | None, seed: int | None, overrides: tuple[str, ...],
+            force: bool, devices: tuple[str, ...], quiet: bool, allow_pickle: bool) -> None:
+    """distill → prune → export → validate → bench → report; RECIPE defaults to the built-in mnist recipe.
+
+    Skips stages the recipe leaves out and stages the run directory already finished (unless --force), prints
+    the recommended file and where the report is. Exits 1 when a budget is broken.
+    """
+    from edgekd.run import resolve_recipe, run_pipeline, run_summary
+    from edgekd.validate import raise_if_failed
+
+    r = resolve_recipe(recipe, overrides, name=name, seed=seed)
+    result = run_pipeline(r, out=out, force=force, devices=list(devices), quiet=quiet, allow_pickle=allow_pickle,
+                          echo=click.echo, raise_on_budget=False)
+    click.echo(run_summary(result))
+    if result["budgets"] is not None:
+        raise_if_failed(result["budgets"])
 
 
 def main() -> None:

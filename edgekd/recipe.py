@@ -25,7 +25,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: str = Field("mnist", description="mnist | digits | npz | folder | csv")
+    dataset: str = Field("mnist", description="mnist | digits | npz | folder | csv | text")
     path: Optional[str] = Field(None, description="file or folder for npz / folder / csv datasets")
     label_column: str = Field("label", description="csv: the column holding the class label")
     image_size: Optional[list[int]] = Field(None, description="folder: resize images to [H, W]")
@@ -36,6 +36,9 @@ class DataConfig(_Section):
     batch_size: int = Field(64, gt=0)
     augment: Literal["none", "shift", "flip"] = Field("none", description="random training augmentation")
     normalize: bool = Field(True, description="standardize inputs with statistics of the train split")
+    text_column: str = Field("text", description="text: the column (CSV) or key (JSONL) holding the text")
+    tokenizer: str = Field("bytes", description="text: `bytes` (built-in byte tokenizer) or a local tokenizer folder")
+    max_length: int = Field(64, ge=3, description="text: token ids per sample (padded or cut)")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -54,12 +57,18 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     scheduler: Literal["none", "cosine", "onecycle"] = "onecycle"
     grad_clip: Optional[float] = Field(None, gt=0)
+    amp: Literal["off", "bf16"] = Field("off", description="bf16 autocast of the trained model's forward pass "
+                                                          "(GPU; also works on CPU)")
 
 
 class TeacherConfig(TrainConfig):
     model: str = Field("cnn", description="zoo name, `package.module:factory` or `path/file.py:factory`")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="trained weights (state dict .pt/.pth or .safetensors)")
+
+
+class EnsembleTeacherConfig(TeacherConfig):
+    weight: Optional[float] = Field(None, ge=0, description="share of this teacher in the soft targets (all or none)")
 
 
 class StudentConfig(_Section):
@@ -73,6 +82,11 @@ class DistillConfig(TrainConfig):
                                  description="`name` picks a loss from the registry; other keys are its kwargs")
     baseline: bool = Field(True, description="also train the student from scratch for comparison")
     cache_teacher: bool = Field(True, description="compute teacher logits once when there is no augmentation")
+    strategy: Literal["offline", "online", "self"] = Field(
+        "offline", description="offline: frozen teacher; online: deep mutual learning; self: born-again generations")
+    generations: int = Field(2, ge=1, description="self: student generations, each taught by the previous one")
+    ensemble: Literal["logits", "probs"] = Field(
+        "logits", description="several teachers: average their logits, or their probabilities")
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -93,7 +107,7 @@ class PruneConfig(_Section):
     global_pruning: bool = False
     protect: list[str] = Field(default_factory=list, description="module names never pruned")
     finetune_epochs: int = Field(2, ge=0, description="KD fine-tune epochs after each step")
-    lr: float = Field(1e-3, gt=0)
+    lr: Optional[float] = Field(None, gt=0, description="fine-tuning learning rate (default: distill.lr)")
 
 
 class ExportTolerance(_Section):
@@ -117,6 +131,8 @@ class ValidateConfig(_Section):
     max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1, description="vs the teacher, absolute")
     max_p50_ms: Optional[float] = Field(None, gt=0)
     max_size_kb: Optional[float] = Field(None, gt=0)
+    scope: Literal["any", "all"] = Field("any", description="any: at least one student variant meets every budget "
+                                                           "(it is recommended); all: every student variant must")
 
 
 class BenchConfig(_Section):
@@ -131,6 +147,8 @@ class Recipe(_Section):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: Optional[list[EnsembleTeacherConfig]] = Field(
+        None, description="several teachers whose soft targets are averaged; the first is also `teacher`")
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     prune: Optional[PruneConfig] = None
@@ -146,6 +164,36 @@ class Recipe(_Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("name must be a plain directory name (no '/', not starting with '.')")
         return v
+
+    @field_validator("teachers")
+    @classmethod
+    def _teacher_weights(cls, v: Optional[list[EnsembleTeacherConfig]]) -> Optional[list[EnsembleTeacherConfig]]:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError("teachers needs at least two entries; use teacher: for a single teacher")
+        weights = [t.weight for t in v]
+        if any(w is None for w in weights) and any(w is not None for w in weights):
+            raise ValueError("give every teacher a weight, or none (equal weights)")
+        if weights[0] is not None and abs(sum(weights) - 1.0) > 1e-6:
+            raise ValueError(f"teacher weights {weights} sum to {sum(weights):g}, not 1")
+        return v
+
+    @model_validator(mode="after")
+    def _one_teacher_section(self) -> "Recipe":
+        # `teacher` mirrors the first of `teachers`, so stages that read one teacher (prune, export) use it and
+        # a saved recipe (which holds both) loads again.
+        if self.teachers is None:
+            return self
+        first = TeacherConfig(**self.teachers[0].model_dump(exclude={"weight"}))
+        if "teacher" in self.model_fields_set and self.teacher != first:
+            raise ValueError("set either teacher: or teachers:, not both (teacher: is the first entry of teachers:)")
+        self.teacher = first
+        return self
+
+    def teacher_configs(self) -> list[TeacherConfig]:
+        """The teachers of the recipe: ``teachers`` if given, else ``[teacher]``."""
+        return list(self.teachers) if self.teachers else [self.teacher]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what is saved as ``recipe.yaml``)."""

@@ -7,8 +7,8 @@ and ``e``, so a run resumed after epoch ``e`` continues as if it had never stopp
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgekd.data import DataBundle
+from edgekd.distill import distributed
 from edgekd.errors import CheckpointError, TrainingError
 from edgekd.recipe import TrainConfig
 from edgekd.run_dir import atomic_path
@@ -33,10 +34,16 @@ class TrainResult:
     seconds: float = 0.0
     best_epoch: int = 0
     best_val_accuracy: float = float("nan")
+    peer: "TrainResult | None" = None  # the co-trained teacher of online distillation
 
     @property
     def epoch_seconds(self) -> list[float]:
         return [row["seconds"] for row in self.history]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -46,7 +53,7 @@ def predict_logits(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor
     model.eval()
     outs, ys = [], []
     for x, y, _ in loader:
-        outs.append(model(x))
+        outs.append(model(x.to(_model_device(model))).cpu())
         ys.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(outs), torch.cat(ys)
@@ -81,8 +88,10 @@ def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([padded[i, :, 2 + dy: 2 + dy + h, 2 + dx: 2 + dx + w] for i, (dy, dx) in enumerate(shifts.tolist())])
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if extra is not None:  # trainable parts of the loss (FitNets projections) learn with the model
+        params += [p for p in extra.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -98,9 +107,69 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+class _Member:
+    """One trained model with its optimizer, schedule, history and best weights."""
+
+    def __init__(self, role: str, model: nn.Module, cfg: TrainConfig, total_steps: int, extra: nn.Module | None = None):
+        self.role, self.model, self.extra = role, model, extra
+        self.opt = _optimizer(model, cfg, extra)
+        self.sched = _scheduler(self.opt, cfg, total_steps)
+        self.history: list[dict[str, Any]] = []
+        self.best_val, self.best_epoch, self.best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+        self.total, self.count = 0.0, 0
+
+    def params(self) -> list[torch.Tensor]:
+        ps = list(self.model.parameters())
+        return ps + (list(self.extra.parameters()) if self.extra is not None else [])
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "history": self.history, "best_val": self.best_val,
+                "best_epoch": self.best_epoch, "best_model": self.best_state}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.history = state["history"]
+        self.best_val, self.best_epoch = float(state["best_val"]), int(state["best_epoch"])
+        self.best_state = state["best_model"]
+
+    def step(self, loss: torch.Tensor, cfg: TrainConfig) -> None:
+        distributed.sync_grads(self.extra)  # loss projections live outside DDP
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.params(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+
+    def end_epoch(self, data: DataBundle, epoch: int, seconds: float) -> dict[str, Any]:
+        val_acc = evaluate(self.model, data, "val")["test_accuracy"]
+        row = {"model": self.role, "epoch": epoch + 1, "train_loss": distributed.global_mean(self.total, self.count),
+               "val_accuracy": val_acc, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
+        self.history.append(row)
+        if val_acc > self.best_val:
+            self.best_val, self.best_epoch, self.best_state = val_acc, epoch + 1, copy.deepcopy(self.model.state_dict())
+        self.total, self.count = 0.0, 0
+        return row
+
+    def result(self, seconds: float) -> TrainResult:
+        self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        return TrainResult(model=self.model, history=self.history, seconds=seconds, best_epoch=self.best_epoch,
+                           best_val_accuracy=self.best_val)
+
+
+def _check_finite(loss: torch.Tensor, role: str, epoch: int, state_path: Path) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"{role} training diverged: the loss became {loss.item()} at epoch {epoch + 1}",
+            f"epochs 1..{epoch} are kept in {state_path}; lower the learning rate or set grad_clip, then --resume")
+
+
 def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn: nn.Module, *, seed: int,
         state_path: Path, teacher: nn.Module | None = None, cache_teacher: bool = True, resume: bool = False,
-        quiet: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+        quiet: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        train_teacher: bool = False, teacher_role: str = "teacher") -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs, keeping the weights with the best validation accuracy.
 
     Args:
@@ -108,103 +177,162 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
         model: The model to train (modified in place, then loaded with the best weights).
         data: The dataset; only the train and val splits are used.
         cfg: Optimizer, schedule and epoch budget.
-        loss_fn: Called as ``loss_fn(logits, teacher_logits, labels)``.
+        loss_fn: Called as ``loss_fn(logits, teacher_logits, labels)``; a loss with ``needs_features`` is
+            called with ``features=`` too, its trainable parts (projections) are optimized with the model and
+            its ``on_epoch_start(epoch)`` is called if it has one.
         seed: Seeds shuffling and augmentation; epoch ``e`` uses ``seed`` and ``e`` only.
         state_path: Where the per-epoch resumable checkpoint lives.
         teacher: A frozen teacher whose logits feed ``loss_fn`` (None for supervised training).
-        cache_teacher: Compute teacher logits once for the whole train split (only without augmentation).
+        cache_teacher: Compute teacher logits once for the whole train split (only without augmentation, and
+            only for losses on logits: feature losses need the teacher's activations of every batch).
         resume: Continue from ``state_path`` if it exists.
         quiet: No progress bar.
         on_epoch: Called with each epoch's history row (after the checkpoint is written).
+        train_teacher: Online distillation (deep mutual learning): the teacher is trained at the same time
+            with the same settings and the same loss, mirrored (``loss_fn(teacher_logits, student_logits, y)``).
+            Its result is ``TrainResult.peer``.
+        teacher_role: Name of the teacher in history rows when ``train_teacher``.
 
     Raises:
         TrainingError: The loss became NaN or infinite; the previous epoch's checkpoint is kept.
+        RecipeError: A feature loss names modules the models do not have, or shapes it cannot compare.
     """
     from tqdm.auto import tqdm
 
-    batch_size = data.batch_size
-    steps_per_epoch = math.ceil(len(data.train) / batch_size)
-    opt = _optimizer(model, cfg)
-    sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    best_val, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    from edgekd import losses
+    from edgekd.distill.features import FeatureTap, setup_feature_loss
+
+    use_features = teacher is not None and losses.needs_features(loss_fn)
+    if use_features:  # projections depend on feature shapes; create them before the optimizer sees them
+        setup_feature_loss(loss_fn, model, teacher, data.train[0][0].unsqueeze(0), seed)
+    has_params = any(True for _ in loss_fn.parameters())
+    dev = distributed.device()  # moved before the optimizers exist, so resumed optimizer state lands there too
+    for m in (model, teacher, loss_fn):
+        if m is not None:
+            m.to(dev)
+
+    # Under torchrun data.batch_size stays the global batch: each rank takes its share of every step.
+    batch_size = distributed.local_batch_size(data.batch_size, len(data.train))
+    steps_per_epoch = distributed.steps_per_epoch(len(data.train), batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    main = _Member(role, model, cfg, total_steps, loss_fn if has_params else None)
+    peer = _Member(teacher_role, teacher, cfg, total_steps) if train_teacher and teacher is not None else None
     start_epoch = 0
     elapsed = 0.0
 
     if resume and state_path.exists():
         state = _load_state(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        main.load(state)
+        if "loss_state" in state:
+            loss_fn.load_state_dict(state["loss_state"])
+        if peer is not None:
+            if "peer" not in state:
+                raise CheckpointError(f"resume checkpoint {state_path} has no co-trained teacher",
+                                      "it was written by another strategy; delete it to restart the student")
+            peer.load(state["peer"])
         torch.set_rng_state(state["rng"])
-        history, start_epoch = state["history"], int(state["epoch"])
-        best_val, best_epoch, best_state = float(state["best_val"]), int(state["best_epoch"]), state["best_model"]
+        start_epoch = int(state["epoch"])
         elapsed = float(state["elapsed"])
 
     if teacher is not None:
-        teacher.eval()
+        trainable = peer is not None
+        if not trainable:
+            teacher.eval()
         for p in teacher.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(trainable)
+    # Wrapped after resuming: DDP broadcasts rank 0's weights, so every rank starts from the same state.
+    ddp_model = distributed.wrap(model, getattr(cfg, "amp", "off"))
+    ddp_peer = distributed.wrap(teacher) if peer is not None else teacher
     cached = None
-    if teacher is not None and cache_teacher and data.augment == "none" and start_epoch < cfg.epochs:
+    if (teacher is not None and peer is None and not use_features and cache_teacher and data.augment == "none"
+            and start_epoch < cfg.epochs):
         cached, _ = predict_logits(teacher, data.loader("train", 512))
+    pairs = loss_fn.feature_layers() if use_features else []
 
     gen = torch.Generator()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         gen.manual_seed(seed * 100_003 + epoch)
-        loader = data.loader("train", batch_size, shuffle=True, generator=gen)
+        loader = distributed.train_loader(data, batch_size, gen)
         model.train()
-        total, count = 0.0, 0
+        loss_fn.train()
+        if peer is not None:
+            teacher.train()
+        if hasattr(loss_fn, "on_epoch_start"):
+            loss_fn.on_epoch_start(epoch)
         bar = tqdm(loader, desc=f"{role:>8} {epoch + 1}/{cfg.epochs}", leave=False, disable=quiet,
                    unit="batch", dynamic_ncols=True, mininterval=0.5)
-        for x, y, idx in bar:
-            x = _augment(x, data.augment, gen)
-            logits = model(x)
-            if teacher is None:
-                t_logits = None
-            elif cached is not None:
-                t_logits = cached[idx]
-            else:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-            loss = loss_fn(logits, t_logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"{role} training diverged: the loss became {loss.item()} at epoch {epoch + 1}",
-                    f"epochs 1..{epoch} are kept in {state_path}; lower the learning rate or set grad_clip, then --resume")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            total += loss.item() * len(y)
-            count += len(y)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+        # Hooks exist only for the training batches: evaluation and saving below see the plain models.
+        with contextlib.ExitStack() as taps:
+            if use_features:
+                s_tap = taps.enter_context(FeatureTap(model, [s for s, _ in pairs], "student"))
+                t_tap = taps.enter_context(FeatureTap(teacher, [t for _, t in pairs], "teacher"))
+            for x, y, idx in bar:
+                x, y = x.to(dev), torch.as_tensor(y).to(dev)
+                x = _augment(x, data.augment, gen)
+                logits = ddp_model(x)
+                peer_loss = None
+                if teacher is None:
+                    t_logits = None
+                elif peer is not None:
+                    t_logits = ddp_peer(x)
+                elif cached is not None:
+                    t_logits = cached[idx].to(dev)
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                if use_features:
+                    feats = losses.Features(student=s_tap.take(), teacher=t_tap.take())
+                    loss = loss_fn(logits, t_logits, y, features=feats)
+                elif peer is not None:
+                    # Deep mutual learning: each model learns from the other's current predictions.
+                    loss = loss_fn(logits, t_logits.detach(), y)
+                    peer_loss = loss_fn(t_logits, logits.detach(), y)
+                else:
+                    loss = loss_fn(logits, t_logits, y)
+                _check_finite(loss, role, epoch, state_path)
+                if peer_loss is not None:
+                    _check_finite(peer_loss, teacher_role, epoch, state_path)
+                main.opt.zero_grad(set_to_none=True)
+                if peer is not None:
+                    peer.opt.zero_grad(set_to_none=True)
+                    (loss + peer_loss).backward()  # the two graphs share nothing (targets are detached)
+                    peer.step(peer_loss, cfg)
+                    peer.total += peer_loss.item() * len(y)
+                    peer.count += len(y)
+                else:
+                    loss.backward()
+                main.step(loss, cfg)
+                main.total += loss.item() * len(y)
+                main.count += len(y)
+                bar.set_postfix(loss=f"{main.total / main.count:.4f}")
         seconds = time.perf_counter() - t0
-        val_acc = evaluate(model, data, "val")["test_accuracy"]
         elapsed += seconds
-        row = {"model": role, "epoch": epoch + 1, "train_loss": total / max(count, 1), "val_accuracy": val_acc,
-               "lr": opt.param_groups[0]["lr"], "seconds": seconds}
-        history.append(row)
-        if val_acc > best_val:
-            best_val, best_epoch, best_state = val_acc, epoch + 1, copy.deepcopy(model.state_dict())
-        _save_state(state_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": torch.get_rng_state(), "history": history, "epoch": epoch + 1, "best_val": best_val,
-            "best_epoch": best_epoch, "best_model": best_state, "elapsed": elapsed,
-        })
+        row = main.end_epoch(data, epoch, seconds)
+        peer_row = peer.end_epoch(data, epoch, seconds) if peer is not None else None
+        state = {**main.state(), "rng": torch.get_rng_state(), "epoch": epoch + 1, "elapsed": elapsed,
+                 "loss_state": loss_fn.state_dict()}
+        if peer is not None:
+            state["peer"] = peer.state()
+        _save_state(state_path, state)
         if not quiet:
             tqdm.write(f"{role:>8} epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-                       f"val_acc {val_acc:.4f}  {seconds:.1f}s")
+                       f"val_acc {row['val_accuracy']:.4f}  {seconds:.1f}s")
+            if peer_row is not None:
+                tqdm.write(f"{teacher_role:>8} epoch {epoch + 1}/{cfg.epochs}  loss {peer_row['train_loss']:.4f}  "
+                           f"val_acc {peer_row['val_accuracy']:.4f}")
         if on_epoch is not None:
             on_epoch(row)
+            if peer_row is not None:
+                on_epoch(peer_row)
 
-    model.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(model=model, history=history, seconds=elapsed, best_epoch=best_epoch,
-                       best_val_accuracy=best_val)
+    for m in (model, teacher, loss_fn):  # later stages (evaluation, saving, export) work on the CPU
+        if m is not None:
+            m.to("cpu")
+    result = main.result(elapsed)
+    if peer is not None:
+        result.peer = peer.result(elapsed)
+    return result
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:

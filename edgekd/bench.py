@@ -1,0 +1,395 @@
+"""``edgekd bench``: latency, throughput, memory and size of every model of a run, in every runtime.
+
+Measured the way TFLite's ``benchmark_model`` and ``onnxruntime_perf_test`` do it: the model is loaded (timed),
+run once (the first inference, timed on its own because it pays for lazy allocation and kernel selection),
+run ``warmup`` more times untimed, then timed over ``runs`` iterations (or for ``seconds``). Each timing covers
+one call of the runtime on an already prepared batch: feeding the input, invoking, reading the output back.
+
+Every (model file, runtime, thread count) is measured in a fresh Python subprocess, so that the peak resident
+memory (``VmHWM`` in ``/proc/self/status``, the kernel's high-water mark of the process's address space; psutil
+is not a dependency) belongs to that model alone, and one model's allocator state or thread pools cannot slow down the next. The peak before
+the model is loaded (interpreter plus the runtime's own libraries) is recorded too, so ``model_rss_mb`` is what
+loading and running the model added.
+
+Rows are written to ``report.json`` in the run directory; see :func:`run_bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError, RunDirError
+from edgekd.run_dir import RunDir, read_json, write_json_atomic
+
+STAGE = "bench"
+REPORT_JSON = "report.json"
+RSS_METHOD = ("VmHWM of /proc/self/status (peak RSS; resource.getrusage ru_maxrss where there is no /proc) in a "
+              "fresh subprocess per model x runtime x threads")
+# A model must run at least this many timed iterations even with --seconds, or percentiles mean nothing.
+MIN_RUNS = 10
+
+
+# -- statistics -----------------------------------------------------------------------------------------
+
+def latency_stats(seconds: list[float] | np.ndarray) -> dict[str, float]:
+    """Summary statistics of per-iteration times.
+
+    Percentiles use linear interpolation between the closest ranks (numpy's default), the definition
+    ``benchmark_model`` and ``onnxruntime_perf_test`` report too.
+
+    Args:
+        seconds: One wall-clock duration per timed iteration, in seconds.
+
+    Returns:
+        ``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms``, ``std_ms`` (population), ``min_ms``, ``max_ms`` and
+        ``runs``.
+
+    Raises:
+        EdgeKDError: When there are no times.
+    """
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        raise EdgeKDError("no timed runs to summarize", "use --runs 1 or more")
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
+            "std_ms": float(ms.std()), "min_ms": float(ms.min()), "max_ms": float(ms.max()), "runs": int(ms.size)}
+
+
+def parse_threads(text: str | list[int] | tuple[int, ...]) -> list[int]:
+    """``"1,2"`` → ``[1, 2]``; every count must be a positive integer."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[int] = []
+    for item in items:
+        try:
+            n = int(str(item).strip())
+        except ValueError:
+            raise EdgeKDError(f"--threads {text!r}: {item!r} is not a number", "e.g. --threads 1,2") from None
+        if n <= 0:
+            raise EdgeKDError(f"--threads must be positive, got {n}", "e.g. --threads 1,2")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise EdgeKDError("--threads is empty", "e.g. --threads 1,2")
+    return out
+
+
+def parse_runtimes(text: str | list[str] | None) -> list[str] | None:
+    """``"onnxruntime,litert"`` → a checked list (None: every runtime)."""
+    from edgekd.runtimes import RUNTIMES
+
+    if text is None:
+        return None
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    for name in items:
+        if name not in RUNTIMES:
+            raise EdgeKDError(f"unknown runtime {name!r}", f"choose from: {', '.join(RUNTIMES)}")
+    if not items:
+        raise EdgeKDError("--runtime is empty", f"choose from: {', '.join(RUNTIMES)}")
+    return items
+
+
+# -- one measurement (runs inside the worker subprocess) ------------------------------------------------
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process's address space, in MiB.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``, the high-water mark of the current address space. It starts
+    afresh at ``exec``, unlike ``getrusage``'s ``ru_maxrss``, which a child inherits from a large parent (a
+    pytest or notebook process that already holds PyTorch) and would then report for every model alike.
+    Elsewhere: ``resource.getrusage(RUSAGE_SELF).ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _import_runtime_libs(runtime: str) -> None:
+    """Import the runtime's libraries before the load timer starts: load time is the model's, not Python's."""
+    if runtime == "torch":
+        import torch  # noqa: F401
+
+        import edgekd.models  # noqa: F401
+    elif runtime == "onnxruntime":
+        import onnxruntime  # noqa: F401
+    elif runtime == "litert":
+        from edgekd.runtimes.base import _tflite_interpreter_class
+
+        _tflite_interpreter_class()
+
+
+def measure(path: str | Path, entry: dict[str, Any], runtime: str, threads: int, x_raw: np.ndarray,
+            warmup: int, runs: int | None = None, seconds: float | None = None) -> dict[str, Any]:
+    """Load one model and time it in this process.
+
+    Args:
+        path: The model file.
+        entry: Its metadata entry (see :mod:`edgekd.runtimes`).
+        runtime: ``torch``, ``onnxruntime`` or ``litert``.
+        threads: Intra-op threads.
+        x_raw: One raw input batch (its length is the batch size).
+        warmup: Untimed iterations after the first inference.
+        runs: Timed iterations (exclusive with ``seconds``).
+        seconds: Time for this long instead (at least ``MIN_RUNS`` iterations).
+
+    Returns:
+        ``load_ms``, ``first_inference_ms``, the :func:`latency_stats` keys, ``throughput_ips`` (samples per
+        second at this batch size), ``rss_before_load_mb``, ``peak_rss_mb`` and ``model_rss_mb``.
+    """
+    from edgekd.runtimes import runtime_for
+
+    _import_runtime_libs(runtime)
+    # The 1-minute load average shows whether other work competed for the cores during this measurement.
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rss_before = _peak_rss_mb()
+    t0 = time.perf_counter()
+    rt = runtime_for(path, entry, threads=threads, runtime=runtime)
+    load_s = time.perf_counter() - t0
+    x = rt.prepare(x_raw)
+    t0 = time.perf_counter()
+    rt.run(x)
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        rt.run(x)
+    times: list[float] = []
+    if seconds is not None:
+        deadline = time.perf_counter() + seconds
+        while len(times) < MIN_RUNS or time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            rt.run(x)
+            times.append(time.perf_counter() - t0)
+    else:
+        for _ in range(runs or 1):
+            t0 = time.perf_counter()
+            rt.run(x)
+            times.append(time.perf_counter() - t0)
+    stats = latency_stats(times)
+    peak = _peak_rss_mb()
+    batch = int(len(x_raw))
+    return {"load_ms": load_s * 1e3, "first_inference_ms": first_s * 1e3, **stats,
+            "throughput_ips": batch / (stats["mean_ms"] / 1e3) if stats["mean_ms"] > 0 else None,
+            "rss_before_load_mb": rss_before, "peak_rss_mb": peak, "model_rss_mb": max(0.0, peak - rss_before),
+            "loadavg_1m": load_avg}
+
+
+def batch_of(x: np.ndarray, batch: int) -> np.ndarray:
+    """The first ``batch`` samples of ``x``, repeated when the evaluation set is smaller."""
+    if len(x) == 0:
+        raise RunDirError("eval.npz holds no samples", "run `edgekd distill` again")
+    reps = -(-batch // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:batch]) if reps > 1 else np.ascontiguousarray(x[:batch])
+
+
+def _worker(spec_path: str) -> int:
+    """Subprocess entry point: measure the model described in a JSON spec file, write the result beside it."""
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    out = Path(spec["result"])
+    try:
+        with np.load(spec["eval"], allow_pickle=False) as data:
+            x = batch_of(np.asarray(data["x"], dtype=np.float32), int(spec["batch"]))
+        result = measure(spec["path"], spec["entry"], spec["runtime"], int(spec["threads"]), x,
+                         int(spec["warmup"]), spec.get("runs"), spec.get("seconds"))
+        out.write_text(json.dumps({"ok": True, **result}), encoding="utf-8")
+    except Exception as e:  # reported back as a skipped row with its reason, never a traceback
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        out.write_text(json.dumps({"ok": False, "reason": f"{type(e).__name__}: {msg}"}), encoding="utf-8")
+    return 0
+
+
+def measure_in_subprocess(path: Path, entry: dict[str, Any], runtime: str, threads: int, eval_path: Path,
+                          batch: int, warmup: int, runs: int | None, seconds: float | None) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process; returns its result or ``{"ok": False, "reason": ...}``."""
+    with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({
+            "path": str(path), "entry": entry, "runtime": runtime, "threads": threads, "eval": str(eval_path),
+            "batch": batch, "warmup": warmup, "runs": runs, "seconds": seconds, "result": str(result_path)}))
+        env = dict(os.environ)
+        # OpenMP pools (torch, some ORT builds) size themselves from these at start-up.
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        timeout = 600 + 5 * (seconds or 0)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "edgekd.bench", "--worker", str(spec_path)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "reason": f"timed out after {timeout:.0f} s"}
+        if not result_path.exists():
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            return {"ok": False, "reason": f"the benchmark process died ({tail[0][:200]})"}
+        return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+# -- the stage ------------------------------------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    from edgekd.runtimes import RUNTIMES
+
+    versions = {}
+    for name, cls in RUNTIMES.items():
+        try:
+            versions[name] = cls.version()
+        except Exception:  # a runtime that is not installed simply has no version
+            versions[name] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "cpu_model": cpu, "cores": os.cpu_count(), "os": platform.platform(),
+            "python": platform.python_version(), "runtimes": versions}
+
+
+def _file_size(rd: RunDir, file: str) -> int:
+    """Bytes of a model file plus its ONNX external-data file, if any (what a device must store)."""
+    p = rd / file
+    size = p.stat().st_size
+    data = p.with_name(p.name + ".data")
+    if p.suffix == ".onnx" and data.exists():
+        size += data.stat().st_size
+    return size
+
+
+def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 200, seconds: float | None = None,
+              warmup: int = 20, batch: int = 1, runtimes: list[str] | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every model of the run on every runtime that can run it, at each thread count.
+
+    Args:
+        rd: The run directory.
+        threads: Thread counts (a list or ``"1,2"``).
+        runs: Timed iterations per measurement (ignored when ``seconds`` is given).
+        seconds: Time each measurement for this many seconds instead.
+        warmup: Untimed iterations after the first inference.
+        batch: Samples per inference; ``throughput_ips`` is measured at this batch size.
+        runtimes: Only these runtimes (None: all).
+        progress: Called with one line per measurement.
+
+    Returns:
+        The ``report.json`` content: ``{"schema_version", "run", "machine", "settings", "rows", "skipped"}``;
+        every row has ``model`` (the file's stem, as device results have), ``file``, ``source_model``,
+        ``runtime``, ``format``, ``precision``, ``threads``, ``batch``, ``load_ms``, ``first_inference_ms``,
+        ``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms``, ``std_ms``, ``min_ms``, ``max_ms``, ``runs``,
+        ``throughput_ips``, ``peak_rss_mb``, ``model_rss_mb``, ``size_bytes``, ``params``, ``macs`` and the
+        ``test_accuracy`` that ``edgekd validate`` measured for the same file and runtime (None before it ran).
+
+    Raises:
+        EdgeKDError: Bad arguments (threads <= 0, unknown runtime, runs and seconds both or neither).
+        RunDirError: The run has no models or no eval.npz.
+    """
+    from edgekd.validate import discover_models, read_validation
+
+    threads = parse_threads(threads)
+    runtimes = parse_runtimes(runtimes)
+    if seconds is not None and seconds <= 0:
+        raise EdgeKDError(f"--seconds must be positive, got {seconds}")
+    if seconds is None and (runs is None or runs <= 0):
+        raise EdgeKDError(f"--runs must be positive, got {runs}")
+    if warmup < 0:
+        raise EdgeKDError(f"--warmup must be 0 or more, got {warmup}")
+    if batch <= 0:
+        raise EdgeKDError(f"--batch must be positive, got {batch}")
+    eval_path = rd / "eval.npz"
+    if not eval_path.is_file():
+        raise RunDirError(f"{eval_path} not found", "run `edgekd distill` first")
+    # The scratch baseline has the student's architecture, so its latency is the student's: not measured twice.
+    targets = [t for t in discover_models(rd, runtimes) if t.source_model != "baseline"]
+    if not targets:
+        raise RunDirError(f"{rd.path} holds no models to measure", "run `edgekd distill` and `edgekd export` first")
+    accuracy = {(r["file"], r["runtime"]): r for r in read_validation(rd).get("rows", [])}
+    metrics = rd.metrics()
+
+    rd.stage_started(STAGE)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for target in targets:
+        for n in threads:
+            res = measure_in_subprocess(rd / target.file, target.entry, target.runtime, n, eval_path, batch,
+                                        warmup, None if seconds is not None else runs, seconds)
+            ident = {"model": target.stem, "file": target.file, "runtime": target.runtime, "threads": n}
+            if not res.pop("ok", False):
+                skipped.append({**ident, "reason": res.get("reason", "unknown")})
+                if progress:
+                    progress(f"{target.file:32s} {target.runtime:12s} {n}t  skipped: {res.get('reason')}")
+                continue
+            src = metrics.get(target.source_model, {})
+            val = accuracy.get((target.file, target.runtime), {})
+            row = {**ident, "source_model": target.source_model, "format": target.format,
+                   "precision": target.precision, "batch": batch, **_rounded(res),
+                   "size_bytes": _file_size(rd, target.file), "params": src.get("params"), "macs": src.get("macs"),
+                   "test_accuracy": val.get("test_accuracy"), "emulated": False}
+            rows.append(row)
+            if progress:
+                progress(f"{target.file:32s} {target.runtime:12s} {n}t  p50 {row['p50_ms']:9.4f} ms  "
+                         f"p99 {row['p99_ms']:9.4f} ms  load {row['load_ms']:8.1f} ms  "
+                         f"rss {row['peak_rss_mb']:7.1f} MB")
+    if not rows:
+        reasons = "; ".join(f"{s['file']} ({s['runtime']}): {s['reason']}" for s in skipped[:3])
+        raise RunDirError(f"no model of {rd.path} could be measured: {reasons}")
+    report = {"schema_version": 1, "run": rd.name, "machine": machine_info(),
+              "settings": {"threads": threads, "runs": None if seconds is not None else runs, "seconds": seconds,
+                           "warmup": warmup, "batch": batch, "rss_method": RSS_METHOD,
+                           "timing": "one runtime call on a prepared batch (set input, invoke, read output)"},
+              "rows": rows, "skipped": skipped}
+    write_json_atomic(rd / REPORT_JSON, report)
+    for file in sorted({r["file"] for r in rows}):
+        lat = {f"{r['runtime']}/{r['threads']}t": {k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")}
+               for r in rows if r["file"] == file}
+        rd.update_metrics(file, {"latency": lat})
+    rd.record_artifacts(REPORT_JSON)
+    rd.stage_done(STAGE, artifact=REPORT_JSON, rows=len(rows), skipped=len(skipped))
+    return report
+
+
+def _rounded(res: dict[str, Any]) -> dict[str, Any]:
+    # Significant digits, not decimals: a tiny model's p50 of 0.0021 ms must keep its precision.
+    return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in res.items()}
+
+
+def read_report(rd: RunDir) -> dict[str, Any]:
+    """``report.json`` of a run, or ``{}`` when bench has not run."""
+    path = rd / REPORT_JSON
+    return read_json(path) if path.exists() else {}
+
+
+def bench_summary(report: dict[str, Any]) -> str:
+    """A plain-text table of the bench rows."""
+    from edgekd.summary import table
+
+    rows = [[r["file"], r["runtime"], str(r["threads"]), f"{r['load_ms']:.1f}", f"{r['first_inference_ms']:.3f}",
+             f"{r['p50_ms']:.4f}", f"{r['p90_ms']:.4f}", f"{r['p99_ms']:.4f}", f"{r['std_ms']:.4f}",
+             f"{r['throughput_ips']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1024:.1f}"]
+            for r in report.get("rows", [])]
+    text = table(["file", "runtime", "thr", "load_ms", "first_ms", "p50_ms", "p90_ms", "p99_ms", "std_ms",
+                  "inf/s", "rss_MB", "size_KB"], rows)
+    for s in report.get("skipped", []):
+        text += f"\nskipped {s['file']} ({s['runtime']}, {s['threads']}t): {s['reason']}"
+    return text
+
+
+if __name__ == "__main__":  # the per-model worker: python -m edgekd.bench --worker SPEC.json
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker(sys.argv[2]))
+    sys.exit("usage: python -m edgekd.bench --worker SPEC.json (internal; use `edgekd bench`)")

@@ -1,0 +1,584 @@
+"""``edgekd report``: ``report.md`` and a self-contained ``report.html`` from what a run measured.
+
+Reads ``metrics.json``, ``history.csv``, ``validate.json`` (accuracy per file and runtime), ``report.json``
+(latency rows from ``edgekd bench``) and any device result files (``device_tests/bench.py`` or the Android
+``benchmark_model`` parser), and writes tables, plain statements (recommended file, speedup over the PyTorch
+teacher, whether int8 is actually faster here) and three plots: training curves, accuracy vs latency with the
+Pareto front, and file sizes. The HTML embeds its plots as base64 PNGs, so the one file can be mailed or
+attached to a CI job; the Markdown links the same PNGs in ``report_plots/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import DataError, RunDirError
+from edgekd.run_dir import RunDir, atomic_path, write_text_atomic
+
+STAGE = "report"
+PLOTS_DIR = "report_plots"
+_PRECISION_NAMES = {"int8": "static int8", "dynamic": "dynamic-range int8", "fp16": "fp16", "fp32": "fp32"}
+_RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "litert": "LiteRT"}
+
+
+# -- inputs -----------------------------------------------------------------------------------------------
+
+def load_device_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of one device result file, labelled with the device (and ``emulated`` when so).
+
+    The file is what ``device_tests/bench.py --json`` or ``device_tests/android/parse_benchmark_model.py``
+    writes: ``{"device": {...}, "results": [{"model", "file", "p50_ms", ...}], "skipped": [...]}``.
+
+    Raises:
+        DataError: The file is missing or not such a result file (one line saying what is wrong).
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"device result file {path} not found", "pass a JSON written by device_tests/bench.py")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"device result file {path} is not valid JSON ({str(e).splitlines()[0][:120]})",
+                        "pass a JSON written by device_tests/bench.py --json") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise DataError(f"device result file {path} has no 'results' list",
+                        "pass a JSON written by device_tests/bench.py --json")
+    device = data.get("device")
+    if not isinstance(device, dict):
+        raise DataError(f"device result file {path} has no 'device' section",
+                        "pass a JSON written by device_tests/bench.py --json")
+    label = _device_label(device)
+    rows = []
+    for i, r in enumerate(data["results"]):
+        if not isinstance(r, dict) or not isinstance(r.get("file") or r.get("model"), str):
+            raise DataError(f"device result file {path}: result {i} has no 'file' or 'model'")
+        p50 = r.get("p50_ms")
+        if not isinstance(p50, (int, float)) or isinstance(p50, bool) or not math.isfinite(p50) or p50 <= 0:
+            raise DataError(f"device result file {path}: result {i} ({r.get('file') or r.get('model')}) "
+                            f"has no positive number 'p50_ms' (got {p50!r})")
+        acc = r.get("accuracy")
+        if acc is not None and (not isinstance(acc, (int, float)) or not 0 <= acc <= 1):
+            raise DataError(f"device result file {path}: result {i} has accuracy {acc!r}, expected 0..1 or null")
+        emulated = bool(r.get("emulated", device.get("emulated", False)))
+        runtime = str(r.get("runtime") or device.get("runtime") or "?")
+        if r.get("delegate"):
+            runtime += f"/{r['delegate']}"
+        rows.append({"device": label + (" (emulated)" if emulated and "emulated" not in label else ""),
+                     "model": r.get("model") or Path(r["file"]).stem, "file": r.get("file") or r["model"],
+                     "format": r.get("format"), "precision": r.get("precision"), "runtime": runtime,
+                     "threads": r.get("threads"), "test_accuracy": acc, "p50_ms": float(p50),
+                     "p90_ms": r.get("p90_ms"), "p99_ms": r.get("p99_ms"), "mean_ms": r.get("mean_ms"),
+                     "emulated": emulated, "source": path.name})
+    return rows
+
+
+def _device_label(device: dict[str, Any]) -> str:
+    name = device.get("model") if isinstance(device.get("model"), str) and device.get("model") != "unknown" else None
+    cpu = device.get("cpu_model")
+    parts = [p for p in (name, cpu if cpu and cpu != "unknown" else None) if p]
+    label = " / ".join(parts) or str(device.get("machine") or "device")
+    if device.get("machine") and device["machine"] not in label:
+        label += f" ({device['machine']})"
+    if device.get("emulated"):
+        label += " (emulated)"
+    return label
+
+
+def read_history(rd: RunDir) -> list[dict[str, Any]]:
+    path = rd / "history.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# -- analysis ---------------------------------------------------------------------------------------------
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both latency (lower) and accuracy (higher).
+
+    Args:
+        points: ``(latency, accuracy)`` pairs.
+
+    Returns:
+        Indices of the non-dominated points, fastest first.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best_acc = [], -math.inf
+    for i in order:
+        if points[i][1] > best_acc:
+            front.append(i)
+            best_acc = points[i][1]
+    return front
+
+
+def best_per_file(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One bench row per (file, runtime): the thread count with the lowest p50."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["file"], r["runtime"])
+        if key not in best or r["p50_ms"] < best[key]["p50_ms"]:
+            best[key] = r
+    return list(best.values())
+
+
+def quantization_findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each non-fp32 file against the fp32 file of the same model, format, runtime, thread count and batch."""
+    fp32 = {(r["source_model"], r["format"], r["runtime"], r["threads"], r.get("batch")): r
+            for r in rows if r.get("precision") == "fp32" and r["format"] != "pt"}
+    out = []
+    for r in rows:
+        if r.get("precision") in (None, "fp32") or r["format"] == "pt":
+            continue
+        ref = fp32.get((r["source_model"], r["format"], r["runtime"], r["threads"], r.get("batch")))
+        if ref is None:
+            continue
+        ratio = r["p50_ms"] / ref["p50_ms"]
+        out.append({"file": r["file"], "reference": ref["file"], "precision": r["precision"],
+                    "runtime": r["runtime"], "threads": r["threads"], "p50_ms": r["p50_ms"],
+                    "reference_p50_ms": ref["p50_ms"], "ratio": ratio, "faster": ratio < 0.95,
+                    "size_ratio": r["size_bytes"] / ref["size_bytes"] if ref.get("size_bytes") else None})
+    return out
+
+
+def _quant_sentence(f: dict[str, Any]) -> str:
+    kind = _PRECISION_NAMES.get(f["precision"], f["precision"])
+    where = f"{_RUNTIME_NAMES.get(f['runtime'], f['runtime'])}, {f['threads']} thread{'s' if f['threads'] != 1 else ''}"
+    nums = f"p50 {f['p50_ms']:.4f} ms vs {f['reference_p50_ms']:.4f} ms"
+    if f["ratio"] >= 1.05:
+        verdict = f"is **not faster**: {f['ratio']:.1f}x slower than"
+    elif f["ratio"] > 0.95:
+        verdict = "is **not faster**: about as fast as"
+    else:
+        verdict = f"is {1 / f['ratio']:.1f}x faster than"
+    size = f"; {1 / f['size_ratio']:.1f}x smaller file" if f.get("size_ratio") and f["size_ratio"] < 0.95 else ""
+    return f"`{f['file']}` ({kind}) {verdict} `{f['reference']}` on this CPU ({where}; {nums}{size})."
+
+
+def speedup_summary(bench_rows: list[dict[str, Any]], recommended: dict[str, Any] | None,
+                    teacher_accuracy: float | None) -> dict[str, Any] | None:
+    """The recommended student variant against the PyTorch fp32 teacher, at the same thread count and batch."""
+    if recommended is None or recommended.get("p50_ms") is None:
+        return None
+    teacher = [r for r in bench_rows if r["file"] == "teacher.pt" and r["runtime"] == "torch"
+               and r.get("batch") == recommended.get("batch")]
+    if not teacher:
+        return None
+    same = [r for r in teacher if r["threads"] == recommended["threads"]]
+    t = same[0] if same else min(teacher, key=lambda r: r["p50_ms"])
+    out = {"file": recommended["file"], "runtime": recommended["runtime"], "threads": recommended["threads"],
+           "batch": recommended.get("batch"), "p50_ms": recommended["p50_ms"], "teacher_p50_ms": t["p50_ms"],
+           "teacher_threads": t["threads"], "speedup": t["p50_ms"] / recommended["p50_ms"],
+           "accuracy": recommended["test_accuracy"], "teacher_accuracy": teacher_accuracy}
+    out["accuracy_ratio"] = (recommended["test_accuracy"] / teacher_accuracy) if teacher_accuracy else None
+    student = [r for r in bench_rows if r["file"] == "student.pt" and r["runtime"] == "torch"
+               and r["threads"] == recommended["threads"] and r.get("batch") == recommended.get("batch")]
+    if student:
+        out["speedup_vs_torch_student"] = student[0]["p50_ms"] / recommended["p50_ms"]
+    # The fair runtime-for-runtime comparison: the teacher exported too, in its fastest file and runtime.
+    exported = [r for r in bench_rows if r.get("source_model") == "teacher" and r.get("format") != "pt"
+                and r["threads"] == recommended["threads"] and r.get("batch") == recommended.get("batch")]
+    if exported:
+        best = min(exported, key=lambda r: r["p50_ms"])
+        out.update({"teacher_exported_file": best["file"], "teacher_exported_runtime": best["runtime"],
+                    "teacher_exported_p50_ms": best["p50_ms"],
+                    "speedup_vs_teacher_exported": best["p50_ms"] / recommended["p50_ms"]})
+    return out
+
+
+# -- plots ------------------------------------------------------------------------------------------------
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _log_axis(ax) -> None:
+    """Log-scale x axis labelled at 1, 2 and 5 per decade in plain numbers (no 10^-3 notation)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_training(history: list[dict[str, Any]]) -> bytes | None:
+    """Validation accuracy and training loss per epoch for teacher, scratch baseline and KD student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in history:
+        try:
+            series.setdefault(r["model"], []).append((int(r["epoch"]), float(r["val_accuracy"]),
+                                                      float(r["train_loss"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    if not series:
+        return None
+    names = {"teacher": "teacher", "baseline": "student from scratch (baseline)", "student": "student by KD"}
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.8), layout="constrained")
+    for model in sorted(series, key=lambda m: (list(names).index(m) if m in names else 9, m)):
+        pts = sorted(series[model])
+        ep = [p[0] for p in pts]
+        ax1.plot(ep, [p[1] for p in pts], marker=".", label=names.get(model, model))
+        ax2.plot(ep, [p[2] for p in pts], marker=".", label=names.get(model, model))
+    ax1.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
+    ax2.set(xlabel="epoch", ylabel="training loss", title="Training loss (KD loss for the KD student)")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(fig)
+
+
+def plot_accuracy_latency(points: list[dict[str, Any]], front: list[int],
+                          device_rows: list[dict[str, Any]]) -> bytes | None:
+    """Accuracy vs p50 latency (log scale): one point per file and runtime, Pareto front joined and ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dev = [d for d in device_rows if d.get("test_accuracy") is not None]
+    if not points and not dev:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
+    markers = {"torch": "s", "onnxruntime": "o", "litert": "^"}
+    for k, p in enumerate(points):
+        ax.scatter(p["p50_ms"], p["test_accuracy"], marker=markers.get(p["runtime"], "o"), s=40,
+                   color="tab:red" if p["source_model"] == "teacher" else
+                   "tab:gray" if p["source_model"] == "baseline" else "tab:blue", zorder=3)
+        # Alternate label offsets: variants of one model share an accuracy and would print on one line.
+        ax.annotate(f"{p['file']} ({p['threads']}t)", (p["p50_ms"], p["test_accuracy"]),
+                    fontsize=6.5, xytext=(4, 4 if k % 2 == 0 else -10), textcoords="offset points")
+    if front:
+        fp = [points[i] for i in front]
+        ax.step([p["p50_ms"] for p in fp], [p["test_accuracy"] for p in fp], where="post", color="tab:green",
+                lw=1.5, label="Pareto front (this machine)", zorder=2)
+        ax.scatter([p["p50_ms"] for p in fp], [p["test_accuracy"] for p in fp], s=140, facecolors="none",
+                   edgecolors="tab:green", lw=1.5, zorder=4)
+    for d in dev:
+        ax.scatter(d["p50_ms"], d["test_accuracy"], marker="D", color="tab:purple", s=35, zorder=3)
+        ax.annotate(f"{d['file']} @ {d['device']}", (d["p50_ms"], d["test_accuracy"]), fontsize=6.5,
+                    xytext=(4, -9), textcoords="offset points", color="tab:purple")
+    for rt, m in markers.items():
+        ax.scatter([], [], marker=m, color="k", label=_RUNTIME_NAMES[rt])
+    if dev:
+        ax.scatter([], [], marker="D", color="tab:purple", label="device results")
+    _log_axis(ax)
+    ax.set(xlabel="p50 latency per inference (ms, log scale)", ylabel="test accuracy",
+           title="Accuracy vs latency (red: teacher, gray: scratch baseline, blue: student variants)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=6, frameon=False)
+    return _png(fig)
+
+
+def plot_sizes(sizes: list[tuple[str, int, str]]) -> bytes | None:
+    """Horizontal bars of file sizes in KB (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not sizes:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(sizes) + 1.2), layout="constrained")
+    colors = {"teacher": "tab:red", "baseline": "tab:gray"}
+    ax.barh([s[0] for s in sizes], [s[1] / 1024 for s in sizes], color=[colors.get(s[2], "tab:blue") for s in sizes])
+    for i, s in enumerate(sizes):
+        ax.text(s[1] / 1024, i, f" {s[1] / 1024:.1f} KB", va="center", fontsize=7)
+    if max(s[1] for s in sizes) > 20 * min(s[1] for s in sizes):
+        _log_axis(ax)
+    ax.invert_yaxis()
+    ax.set(xlabel="file size (KB)", title="Model file sizes")
+    ax.grid(alpha=0.3, axis="x", which="both")
+    return _png(fig)
+
+
+# -- rendering --------------------------------------------------------------------------------------------
+
+def _f(v: Any, fmt: str = ".4f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, fmt)
+    return str(v)
+
+
+def _count(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _tables(validation: dict[str, Any], bench: dict[str, Any], device_rows: list[dict[str, Any]]
+            ) -> list[tuple[str, list[str], list[list[str]]]]:
+    out = []
+    v = validation.get("rows", [])
+    if v:
+        out.append(("Accuracy (every model, every runtime that can run it)",
+                    ["file", "runtime", "precision", "accuracy", "precision (macro)", "recall (macro)", "F1 (macro)",
+                     "agreement w/ teacher", "agreement w/ fp32 student", "drop vs teacher", "size KB"],
+                    [[r["file"], r["runtime"], r["precision"], _f(r["test_accuracy"]), _f(r["precision_macro"]),
+                      _f(r["recall_macro"]), _f(r["f1_macro"]), _f(r["agreement_teacher"]),
+                      _f(r["agreement_student_fp32"]), _f(r.get("accuracy_drop_vs_teacher")),
+                      f"{r['size_bytes'] / 1024:.1f}"] for r in v]))
+    b = bench.get("rows", [])
+    if b:
+        out.append((f"Latency on this machine (batch {b[0].get('batch', 1)})",
+                    ["file", "runtime", "threads", "load ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "mean ms",
+                     "std ms", "throughput /s", "peak RSS MB", "model RSS MB", "size KB", "params", "MACs",
+                     "accuracy"],
+                    [[r["file"], r["runtime"], str(r["threads"]), _f(r["load_ms"], ".1f"),
+                      _f(r["first_inference_ms"], ".3f"), _f(r["p50_ms"]), _f(r["p90_ms"]), _f(r["p99_ms"]),
+                      _f(r["mean_ms"]), _f(r["std_ms"]), _f(r["throughput_ips"], ".0f"), _f(r["peak_rss_mb"], ".0f"),
+                      _f(r["model_rss_mb"], ".1f"), f"{r['size_bytes'] / 1024:.1f}", _count(r.get("params")),
+                      _count(r.get("macs")), _f(r.get("test_accuracy"))] for r in b]))
+    if device_rows:
+        out.append(("Device results",
+                    ["device", "file", "runtime", "threads", "p50 ms", "p90 ms", "p99 ms", "accuracy", "emulated"],
+                    [[d["device"], d["file"], d["runtime"], _f(d["threads"]), _f(d["p50_ms"]), _f(d["p90_ms"]),
+                      _f(d["p99_ms"]), _f(d["test_accuracy"]), "yes" if d["emulated"] else "no"]
+                     for d in device_rows]))
+    return out
+
+
+def _load_note(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    """Say how busy the machine was: latencies measured next to other work are noisier and slower."""
+    loads = [r["loadavg_1m"] for r in rows if isinstance(r.get("loadavg_1m"), (int, float))]
+    if not loads:
+        return ""
+    note = f" System load (1-min average) during the bench: {min(loads):.2f} to {max(loads):.2f}"
+    cores = machine.get("cores") or 0
+    if cores and max(loads) > 0.5 * cores:
+        note += (f" on {cores} cores: other processes competed for the CPU, so multi-thread numbers in particular "
+                 "are pessimistic")
+    return note + "."
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines)
+
+
+def _md_to_html_inline(text: str) -> str:
+    """The little Markdown the summary lines use (``code`` and **bold**), as HTML."""
+    import re
+
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;
+color:#222}table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;
+padding:3px 7px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+code{background:#f4f4f4;padding:0 3px}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+.fail{color:#b00020}.ok{color:#08660d}.scroll{overflow-x:auto}"""
+
+
+# -- the stage --------------------------------------------------------------------------------------------
+
+def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: Any | None = None,
+                 budget_check: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``report.md``, ``report.html`` and ``report_plots/*.png`` for a run.
+
+    Args:
+        rd: The run directory (validate and bench results are used when present).
+        device_files: Device result JSON files to merge as extra rows.
+        budgets: The recipe's ``validate`` section (None: read it from the run's recipe).
+        budget_check: A :func:`edgekd.validate.check_budgets` result to show (None: computed here).
+
+    Returns:
+        ``{"markdown": path, "html": path, "recommended": ..., "speedup": ..., "quantization": [...],
+        "budgets": ...}``.
+
+    Raises:
+        DataError: A device file is not valid.
+        RunDirError: The run has no metrics (distill has not finished).
+    """
+    from edgekd.bench import read_report
+    from edgekd.validate import check_budgets, load_budgets, read_validation, recommend
+
+    device_rows = [row for f in device_files for row in load_device_results(f)]  # bad input fails first
+    metrics = rd.metrics()
+    if not metrics:
+        raise RunDirError(f"{rd.path} has no metrics.json", "run `edgekd distill` first")
+    validation, bench = read_validation(rd), read_report(rd)
+    if budgets is None:
+        budgets = load_budgets(rd)
+    rec = recommend(validation, bench, budgets)
+    check = budget_check if budget_check is not None else check_budgets(validation, bench, budgets)
+    teacher_acc = validation.get("teacher_accuracy") or metrics.get("teacher", {}).get("test_accuracy")
+    bench_rows = bench.get("rows", [])
+    speed = speedup_summary(bench_rows, rec["recommended"], teacher_acc)
+    if speed is None and rec["recommended"] is None:
+        # Nothing qualifies: still say how fast the fastest student variant is, marked as not recommended.
+        timed = [c for c in rec["candidates"] if c.get("p50_ms") is not None]
+        if timed:
+            speed = speedup_summary(bench_rows, min(timed, key=lambda c: c["p50_ms"]), teacher_acc)
+            if speed is not None:
+                speed["qualifies"] = False
+    quant = quantization_findings(bench_rows)
+
+    # Accuracy vs latency points: one per file and runtime, at its best thread count.
+    acc = {(r["file"], r["runtime"]): r["test_accuracy"] for r in validation.get("rows", [])}
+    points = []
+    for r in best_per_file(bench_rows):
+        a = acc.get((r["file"], r["runtime"]), r.get("test_accuracy"))
+        if a is not None:
+            points.append({**r, "test_accuracy": a})
+    front = pareto_front([(p["p50_ms"], p["test_accuracy"]) for p in points])
+    sizes: dict[str, tuple[str, int, str]] = {}
+    for r in validation.get("rows", []) + bench_rows:
+        sizes.setdefault(r["file"], (r["file"], int(r["size_bytes"]), r["source_model"]))
+
+    plots = {"training": ("Training curves: KD student vs scratch baseline vs teacher", plot_training(read_history(rd))),
+             "accuracy_latency": ("Accuracy vs latency, Pareto front marked", plot_accuracy_latency(points, front,
+                                                                                                   device_rows)),
+             "sizes": ("Model file sizes", plot_sizes(sorted(sizes.values(), key=lambda s: -s[1])))}
+
+    # -- summary lines (Markdown; the HTML renders the same text) --
+    lines = []
+    r = rec["recommended"]
+    if r is not None:
+        lat = (f"p50 {r['p50_ms']:.4f} ms at {r['threads']} thread{'s' if r['threads'] != 1 else ''}, batch "
+               f"{r.get('batch')}" if r.get("p50_ms") is not None else "latency not measured")
+        lines.append(f"**Recommended file: `{r['file']}`** ({_RUNTIME_NAMES.get(r['runtime'], r['runtime'])}, "
+                     f"{lat}; accuracy {r['test_accuracy']:.4f}; {r['size_bytes'] / 1024:.1f} KB). "
+                     f"Rule: {rec['rule']}.")
+    elif rec["candidates"]:
+        lines.append(f"**No student variant qualifies for a recommendation** (rule: {rec['rule']}).")
+    if speed is not None:
+        ok_speed, ok_acc = speed["speedup"] >= 10, (speed["accuracy_ratio"] or 0) >= 0.97
+        acc_txt = (f"accuracy {speed['accuracy']:.4f} vs the teacher's {speed['teacher_accuracy']:.4f} "
+                   f"({100 * speed['accuracy_ratio']:.1f}% of it)" if speed["accuracy_ratio"] else "")
+        who = "" if speed.get("qualifies", True) else " (fastest student variant, not recommended: it misses the rule above)"
+        lines.append(f"**Speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x**{who} at batch {speed['batch']} — "
+                     f"`{speed['file']}` ({_RUNTIME_NAMES.get(speed['runtime'], speed['runtime'])}) p50 "
+                     f"{speed['p50_ms']:.4f} ms vs teacher.pt (PyTorch) {speed['teacher_p50_ms']:.4f} ms at "
+                     f"{speed['teacher_threads']} thread(s); {acc_txt}. Target ≥ 10x with ≥ 97% of the teacher's "
+                     f"accuracy: **{'met' if ok_speed and ok_acc else 'not met'}**."
+                     + (f" Against the PyTorch fp32 student: {speed['speedup_vs_torch_student']:.1f}x."
+                        if speed.get("speedup_vs_torch_student") else "")
+                     + (f" Against the teacher's own fastest export (`{speed['teacher_exported_file']}`, "
+                        f"{_RUNTIME_NAMES.get(speed['teacher_exported_runtime'], speed['teacher_exported_runtime'])}, "
+                        f"{speed['teacher_exported_p50_ms']:.4f} ms): {speed['speedup_vs_teacher_exported']:.1f}x."
+                        if speed.get("speedup_vs_teacher_exported") else ""))
+    elif bench_rows:
+        lines.append("Speedup over the teacher: not measured (the bench has no PyTorch teacher row or no "
+                     "recommended file).")
+    else:
+        lines.append("No latency measured yet: run `edgekd bench` for latency, throughput and memory.")
+    slower = [f for f in quant if not f["faster"]]
+    if slower:
+        lines.append(f"**Quantization is not always faster here**: {len(slower)} of {len(quant)} reduced-precision "
+                     "measurements were not faster than fp32 in the same runtime and thread count.")
+    lines += [_quant_sentence(f) for f in quant]
+    m = metrics
+    if all(k in m for k in ("teacher", "baseline", "student")):
+        gain = m["student"]["test_accuracy"] - m["baseline"]["test_accuracy"]
+        lines.append(f"Distillation: KD student {m['student']['test_accuracy']:.4f} vs the same architecture trained "
+                     f"from scratch {m['baseline']['test_accuracy']:.4f} ({100 * gain:+.2f} points); teacher "
+                     f"{m['teacher']['test_accuracy']:.4f} (PyTorch, test split).")
+    spec = check.get("budgets", {})
+    if any(v is not None for v in spec.values()):
+        named = ", ".join(f"{k} = {v:g}" for k, v in spec.items() if v is not None)
+        if check["ok"]:
+            lines.append(f"Budgets ({named}; scope {check.get('scope', 'any')}): **passed**.")
+        else:
+            lines.append(f"Budgets ({named}; scope {check.get('scope', 'any')}): **FAILED** — "
+                         + "; ".join(check["failures"]))
+    else:
+        lines.append("Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb` to the recipe's "
+                     "`validate` section to gate on them).")
+    for s in bench.get("skipped", []) + validation.get("skipped", []):
+        lines.append(f"Not measured: `{s['file']}` ({s['runtime']}{', ' + str(s['threads']) + ' threads' if 'threads' in s else ''}): "
+                     f"{s['reason']}")
+
+    machine = bench.get("machine") or {}
+    settings = bench.get("settings") or {}
+    setup = (f"Machine: {machine.get('cpu_model', '?')} ({machine.get('cores', '?')} cores, {machine.get('machine', '?')}); "
+             f"runtimes: " + ", ".join(f"{k} {v}" for k, v in (machine.get("runtimes") or {}).items() if v)
+             + (f". Bench: {settings.get('runs') or str(settings.get('seconds')) + ' s'} timed runs after "
+                f"{settings.get('warmup')} warm-up, batch {settings.get('batch')}, threads {settings.get('threads')}; "
+                f"peak RSS by {settings.get('rss_method')}." if settings else "") + _load_note(bench_rows, machine)) \
+        if machine else ""
+    tables = _tables(validation, bench, device_rows)
+
+    # -- write plots, Markdown, HTML --
+    plot_files = {}
+    for key, (_, png) in plots.items():
+        if png is None:
+            continue
+        with atomic_path(rd / PLOTS_DIR / f"{key}.png") as tmp:
+            tmp.write_bytes(png)
+        plot_files[key] = f"{PLOTS_DIR}/{key}.png"
+
+    md = [f"# edgekd report: {rd.name}", ""]
+    if setup:
+        md += [setup, ""]
+    md += ["## Summary", ""] + [f"- {line}" for line in lines] + [""]
+    for title, headers, rows in tables:
+        md += [f"## {title}", "", _md_table(headers, rows), ""]
+    md += ["## Plots", ""]
+    for key, (title, png) in plots.items():
+        if png is not None:
+            md += [f"### {title}", "", f"![{title}]({plot_files[key]})", ""]
+    write_text_atomic(rd / "report.md", "\n".join(md))
+
+    h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>edgekd report: {html.escape(rd.name)}</title>",
+         f"<style>{_CSS}</style></head><body>", f"<h1>edgekd report: {html.escape(rd.name)}</h1>"]
+    if setup:
+        h.append(f"<p>{html.escape(setup)}</p>")
+    h.append("<h2>Summary</h2><ul>")
+    for line in lines:
+        cls = " class='fail'" if "FAILED" in line else ""
+        h.append(f"<li{cls}>{_md_to_html_inline(line)}</li>")
+    h.append("</ul>")
+    for title, headers, rows in tables:
+        # Wide tables scroll inside their own box instead of widening the page.
+        h.append(f"<h2>{html.escape(title)}</h2><div class='scroll'><table><tr>"
+                 + "".join(f"<th>{html.escape(c)}</th>" for c in headers) + "</tr>")
+        h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        h.append("</table></div>")
+    h.append("<h2>Plots</h2>")
+    for key, (title, png) in plots.items():
+        if png is not None:
+            data = base64.b64encode(png).decode("ascii")
+            h.append(f"<h3>{html.escape(title)}</h3><img id='plot-{key}' alt='{html.escape(title)}' "
+                     f"src='data:image/png;base64,{data}'>")
+    h.append("</body></html>")
+    write_text_atomic(rd / "report.html", "\n".join(h))
+
+    summary = {"recommended": rec["recommended"], "rule": rec["rule"], "speedup": speed, "quantization": quant,
+               "budgets": check, "devices": sorted({d["device"] for d in device_rows})}
+    rd.update_metrics("report", summary)
+    rd.record_artifacts("report.md", "report.html", *plot_files.values())
+    rd.stage_done(STAGE, artifacts=["report.md", "report.html", *plot_files.values()],
+                  devices=[str(f) for f in device_files])
+    return {"markdown": rd / "report.md", "html": rd / "report.html", **summary}

@@ -1,0 +1,124 @@
+"""edgekd run: the chained pipeline, stage skipping, --force, budgets and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_RECIPE, write_recipe
+
+from edgekd.cli import cli
+from edgekd.run_dir import RunDir
+
+# The tiny recipe cut to one epoch, with every optional stage, as small as each can be.
+CHAIN = {**TINY_RECIPE,
+         "teacher": {**TINY_RECIPE["teacher"], "epochs": 1},
+         "distill": {**TINY_RECIPE["distill"], "epochs": 1},
+         "prune": {"ratio": 0.5, "steps": 1, "finetune_epochs": 0},
+         "export": {"formats": ["tflite"], "quantize": [], "teacher": False},
+         "validate": {"max_accuracy_drop": 1.0},
+         "bench": {"threads": [1], "runs": 5, "warmup": 1}}
+
+
+def _run(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(cli, ["run", *args])
+    return res.exit_code, res.output
+
+
+def _mtimes(run: Path, *names: str) -> dict[str, int]:
+    return {n: (run / n).stat().st_mtime_ns for n in names}
+
+
+def test_run_chains_every_stage_then_skips_what_is_done(tmp_path: Path):
+    recipe = write_recipe(tmp_path / "chain.yaml", CHAIN)
+    out = tmp_path / "exported"
+    code, text = _run(str(recipe), "--out", str(out), "-q")
+    assert code == 0, text
+    run = out / "tiny"
+    rd = RunDir(run)
+    for stage in ("distill", "prune", "export", "validate", "bench", "report"):
+        assert rd.stage_status(stage) == "done", stage
+    assert "stages run: distill, prune, export, validate, bench, report" in text
+    # Export took the pruned student; the recommendation is an exported student file and is printed with its path.
+    meta = json.loads((run / "metadata.json").read_text())
+    assert [e["file"] for e in meta["models"]] == ["student_pruned_fp32.tflite"]
+    assert f"recommended: {run / 'student_pruned_fp32.tflite'} (litert" in text
+    assert f"report: {run / 'report.html'}" in text
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    assert {(r["file"], r["runtime"]) for r in rows} == {("teacher.pt", "torch"), ("student.pt", "torch"),
+                                                        ("student_pruned.pt", "torch"),
+                                                        ("student_pruned_fp32.tflite", "litert")}
+    assert all(r["runs"] == 5 for r in rows)
+    assert "speedup over the PyTorch fp32 teacher at batch 1:" in text
+    assert "<img id='plot-accuracy_latency'" in (run / "report.html").read_text()
+
+    # Everything is done: only the report is written again.
+    before = _mtimes(run, "student.pt", "student_pruned.pt", "student_pruned_fp32.tflite", "validate.json",
+                     "report.json")
+    code, text = _run(str(recipe), "--out", str(out), "-q")
+    assert code == 0, text
+    assert "stages run: report" in text and "distill (already done" in text and "bench (already done)" in text
+    assert _mtimes(run, *before) == before
+
+    # A changed bench section runs the bench again, and nothing before it.
+    code, text = _run(str(recipe), "--out", str(out), "-q", "--set", "bench.runs=7")
+    assert code == 0, text
+    assert "stages run: bench, report" in text
+    assert all(r["runs"] == 7 for r in json.loads((run / "report.json").read_text())["rows"])
+    assert _mtimes(run, "student_pruned_fp32.tflite", "validate.json") == {
+        k: before[k] for k in ("student_pruned_fp32.tflite", "validate.json")}
+
+    # A broken budget: exit 1 after the report is written, naming the file and what broke.
+    (run / "report.html").unlink()
+    code, text = _run(str(recipe), "--out", str(out), "-q", "--set", "bench.runs=7",
+                      "--set", "validate.max_size_kb=0.5")
+    assert code == 1, text
+    assert text.strip().splitlines()[-1] == (
+        "error: no student variant meets every budget: student_pruned_fp32.tflite (litert): size "
+        f"{(run / 'student_pruned_fp32.tflite').stat().st_size / 1024:.1f} KB > 0.5 KB")
+    assert "FAILED" in (run / "report.html").read_text()
+    assert "stages run: report" in text  # budgets alone do not re-measure anything
+
+    # --force starts over in a new run directory; the finished one is left alone.
+    code, text = _run(str(recipe), "--out", str(out), "-q", "--force", "--set", "prune=null", "--set", "export=null",
+                      "--set", "bench=null")
+    assert code == 0, text
+    assert "stages run: distill, validate, report" in text
+    assert "prune (not in the recipe)" in text and "bench (not in the recipe)" in text
+    assert (out / "tiny-2" / "student.pt").is_file() and not (out / "tiny-2" / "student_pruned.pt").exists()
+    assert _mtimes(run, "student.pt") == {"student.pt": before["student.pt"]}
+
+
+def test_run_skips_sections_the_recipe_leaves_out(tiny_run: Path, tmp_path: Path):
+    """A finished distill run and a recipe with only `validate` and no bench: validate and report run."""
+    import shutil
+
+    out = tmp_path / "exported"
+    shutil.copytree(tiny_run, out / "tiny")
+    recipe = write_recipe(tmp_path / "r.yaml", validate={})
+    code, text = _run(str(recipe), "--out", str(out), "-q")
+    assert code == 0, text
+    assert "stages run: validate, report" in text
+    for stage in ("prune", "export", "bench"):
+        assert f"{stage} (not in the recipe)" in text
+    md = (out / "tiny" / "report.md").read_text()
+    assert "No latency measured yet" in md and "| student.pt | torch |" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.yaml"], "not found"),
+    (["--set", "bench.threads=[0]"], "bench.threads: --threads must be positive"),
+    (["--set", "validate.max_size_kb=-1"], "validate.max_size_kb"),
+    (["--device", "nope.json"], "device result file nope.json not found"),
+])
+def test_run_bad_input_fails_before_any_work(tmp_path: Path, monkeypatch, args: list[str], message: str):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", bench={"runs": 5})
+    if args[0] != "missing.yaml":
+        args = [str(recipe), *args]
+    code, text = _run(*args, "--out", str(tmp_path / "exported"))
+    assert code == 2, text
+    assert text.startswith("error: ") and message in text and text.count("\n") == 1
+    assert not (tmp_path / "exported").exists()  # nothing trained, nothing written
