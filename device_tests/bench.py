@@ -46,7 +46,18 @@ class Skip(Exception):
     """A model this runtime cannot measure; the message is the reason shown under ``skipped``."""
 
 
+# Precisions whose arithmetic is integer (or int8 weights with runtime-quantized activations).
+INTEGER_PRECISIONS = ("int8", "dynamic")
+
+
 # --------------------------------------------------------------------------------------------- runtimes
+
+
+def builtin_resolver(interpreter_cls):
+    """The ``OpResolverType`` that selects TFLite's built-in kernels without default delegates, or None."""
+    mod = sys.modules.get(getattr(interpreter_cls, "__module__", ""), None)
+    kinds = getattr(mod, "OpResolverType", None)
+    return getattr(kinds, "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None)
 
 
 def _load_tflite():
@@ -277,9 +288,12 @@ class TFLiteRunner:
         self.it = self._new()
         self._check_io()
 
-    def _new(self):
+    def _new(self, builtin_kernels: bool = False):
+        kwargs = {}
+        if builtin_kernels:
+            kwargs["experimental_op_resolver_type"] = builtin_resolver(self.cls)
         try:
-            it = self.cls(model_path=str(self.path), num_threads=self.threads)
+            it = self.cls(model_path=str(self.path), num_threads=self.threads, **kwargs)
             it.allocate_tensors()
         except Exception as e:
             raise Skip(f"the runtime cannot load it ({_one_line(e)})") from None
@@ -321,14 +335,21 @@ class TFLiteRunner:
             raise Skip(f"eval input shape {list(xs.shape[1:])} does not match the model's {self.in_shape[1:]}"
                        " (check the input layout in metadata.json)")
 
-    def predict_all(self, xs):
+    def predict_all(self, xs, builtin_kernels: bool = False):
+        """Predicted classes for ``xs``; ``builtin_kernels`` runs TFLite's own kernels (no XNNPACK delegate)."""
         np = self.np
         if not self.dynamic_batch:
             # A fixed batch of 1 cannot be resized safely: reshapes baked into the graph would silently
             # mix samples, so run one sample at a time.
-            return np.concatenate([postprocess(self.run1(xs[i:i + 1]), self.entry, np) for i in range(len(xs))])
+            it = self._new(True) if builtin_kernels else self.it
+            preds = []
+            for i in range(len(xs)):
+                it.set_tensor(self.in_index, xs[i:i + 1])
+                it.invoke()
+                preds.append(postprocess(it.get_tensor(self.out_index), self.entry, np))
+            return np.concatenate(preds)
         preds = []
-        it = self._new()
+        it = self._new(builtin_kernels)
         for start in range(0, len(xs), EVAL_CHUNK):
             chunk = xs[start:start + EVAL_CHUNK]
             it.resize_tensor_input(self.in_index, list(chunk.shape))
@@ -438,6 +459,19 @@ def bench_model(entry: dict, meta: dict, run_dir: Path, runtimes: dict, x, y, ar
         "accuracy": round(accuracy, 6),
         "n_eval": int(len(y)),
     }
+    if fmt == "tflite" and entry.get("precision") in INTEGER_PRECISIONS and builtin_resolver(handle) is not None:
+        # The default XNNPACK kernels requantize int8 results with CPU-specific rounding (fp32 on x86, a
+        # fixed-point scheme on ARM), so the same file can give a different prediction on an odd sample.
+        # TFLite's built-in kernels follow its integer spec on every CPU: this accuracy is comparable across
+        # machines, the default one is what an app using the runtime's defaults gets here.
+        try:
+            ref = runner.predict_all(xs, builtin_kernels=True)
+        except Skip:
+            raise
+        except Exception as e:
+            raise Skip(f"inference with the built-in kernels failed ({_one_line(e)})") from None
+        result["accuracy_builtin"] = round(float((ref == y).mean()), 6)
+        result["differs_from_builtin"] = int((ref != preds).sum())
     result.update(latency)
     result.update({"threads": args.threads, "runs": args.runs, "warmup": args.warmup,
                    "runtime": rt_name, "runtime_version": rt_version, "emulated": bool(args.emulated)})
@@ -551,13 +585,17 @@ def print_table(report: dict) -> None:
     tag = " (EMULATED: latency is not representative)" if report["device"]["emulated"] else ""
     dev = report["device"]
     print(f"device: {dev['machine']} | {dev['cpu_model']} | {dev['cores']} cores | {dev['os']}{tag}")
-    print(f"{'model':<28} {'runtime':<15} {'thr':>3} {'accuracy':>9} {'p50 ms':>9} {'p90 ms':>9} "
-          f"{'p99 ms':>9} {'mean ms':>9}")
+    print(f"{'model file':<30} {'runtime':<15} {'thr':>3} {'accuracy':>9} {'builtin':>9} {'p50 ms':>9} "
+          f"{'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9}")
     for r in report["results"]:
-        print(f"{r['model']:<28} {r['runtime']:<15} {r['threads']:>3} {r['accuracy']:>9.4f} {r['p50_ms']:>9.3f} "
-              f"{r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mean_ms']:>9.3f}")
+        builtin = r.get("accuracy_builtin")
+        builtin = "-" if builtin is None else f"{builtin:.4f}"
+        print(f"{r.get('file', r['model']):<30} {r['runtime']:<15} {r['threads']:>3} {r['accuracy']:>9.4f} "
+              f"{builtin:>9} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mean_ms']:>9.3f}")
+    if any("accuracy_builtin" in r for r in report["results"]):
+        print("builtin: accuracy with TFLite's built-in integer kernels (no XNNPACK), the same on every CPU")
     for s in report["skipped"]:
-        print(f"skipped {s['model']}: {s['reason']}")
+        print(f"skipped {s.get('file') or s['model']}: {s['reason']}")
 
 
 def run(args) -> dict:

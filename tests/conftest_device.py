@@ -46,6 +46,8 @@ class DeviceRun:
     # per-sample LiteRT call for the int8 file.
     expected: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
+    # The int8 file's accuracy with TFLite's built-in kernels (no XNNPACK delegate), computed directly.
+    expected_builtin: dict = field(default_factory=dict)
 
 
 _CACHE: dict = {}
@@ -156,6 +158,17 @@ def _build(out: Path) -> DeviceRun:
         qi.invoke()
         int8_pred.append(int(qi.get_tensor(qout["index"]).argmax()))
     int8_acc = float((np.array(int8_pred) == y).mean())
+    from ai_edge_litert.interpreter import OpResolverType
+
+    ri = Interpreter(model_path=str(int8),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    ri.allocate_tensors()
+    ref_pred = []
+    for i in range(len(xn)):
+        ri.set_tensor(qin["index"], np.clip(np.round(xn[i:i + 1] / in_scale + in_zp), -128, 127).astype(np.int8))
+        ri.invoke()
+        ref_pred.append(int(ri.get_tensor(qout["index"]).argmax()))
+    int8_builtin_acc = float((np.array(ref_pred) == y).mean())
 
     import ai_edge_litert
     import ai_edge_quantizer
@@ -191,7 +204,8 @@ def _build(out: Path) -> DeviceRun:
     (out / "labels.txt").write_text("\n".join(LABELS) + "\n")
     expected = {"student_fp32.tflite": torch_acc, "student_fp32_nhwc.tflite": torch_acc,
                 "student_fp32.onnx": torch_acc, "student_int8.tflite": int8_acc}
-    return DeviceRun(path=out, torch_accuracy=torch_acc, expected=expected, files=[m["file"] for m in models])
+    return DeviceRun(path=out, torch_accuracy=torch_acc, expected=expected, files=[m["file"] for m in models],
+                     expected_builtin={"student_int8.tflite": int8_builtin_acc})
 
 
 def build_device_run(base: Path) -> DeviceRun:

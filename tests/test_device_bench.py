@@ -60,6 +60,12 @@ def test_accuracy_matches_reference(device_run, tmp_path, runtime, files, runtim
         # fp32 files must agree with torch exactly (the fixture keeps only confident samples); the int8
         # file with a direct LiteRT computation that quantizes with the interpreter's own parameters.
         assert measured[f]["accuracy"] == pytest.approx(device_run.expected[f], abs=1e-9), f
+        # Integer models also get the accuracy with TFLite's built-in kernels; float models do not.
+        if f in device_run.expected_builtin:
+            assert measured[f]["accuracy_builtin"] == pytest.approx(device_run.expected_builtin[f], abs=1e-9)
+            assert 0 <= measured[f]["differs_from_builtin"] <= measured[f]["n_eval"]
+        else:
+            assert "accuracy_builtin" not in measured[f], f
     assert device_run.torch_accuracy == pytest.approx(0.8)
     if runtime_name:
         assert {r["runtime"] for r in report["results"]} == {runtime_name}
@@ -279,7 +285,11 @@ def test_emulated_pi_gives_host_accuracy(device_run, tmp_path):
     tflite = [f for f in device_run.files if f.endswith(".tflite")]
     assert sorted(measured) == sorted(tflite)
     for f in tflite:
-        assert measured[f]["accuracy"] == pytest.approx(device_run.expected[f], abs=1e-9), f
+        if f in device_run.expected_builtin:
+            # int8 arithmetic of the built-in kernels is the same on aarch64 as on this host, bit for bit.
+            assert measured[f]["accuracy_builtin"] == pytest.approx(device_run.expected_builtin[f], abs=1e-9), f
+        else:
+            assert measured[f]["accuracy"] == pytest.approx(device_run.expected[f], abs=1e-9), f
         assert measured[f]["emulated"] is True
     assert [s["file"] for s in report["skipped"]] == ["student_fp32.onnx"]
 
@@ -290,7 +300,11 @@ def test_ci_emulated_pi_step_compares_host_and_pi(device_run):
     proc = subprocess.run([str(REPO / ".ci" / "emulated_pi.sh"), str(device_run.path)], capture_output=True,
                           text=True, timeout=1500, env=dict(os.environ, EDGEKD_PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if ".tflite" in line}
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0].endswith(".tflite")}
     assert sorted(rows) == sorted(f for f in device_run.files if f.endswith(".tflite"))
     for f, cols in rows.items():
-        assert cols[1] == cols[2] == f"{device_run.expected[f]:.6f}" and cols[3] == "same", cols
+        want = device_run.expected_builtin.get(f, device_run.expected[f])
+        assert cols[1] == cols[2] == f"{want:.6f}" and cols[-1] == "same", cols
+        assert cols[3] == ("built-in" if f in device_run.expected_builtin else "default"), cols
+    assert f"{len(rows)} of {len(rows)} .tflite files give exactly the host's accuracy" in proc.stdout
