@@ -297,9 +297,10 @@ def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 20
 
     Raises:
         EdgeKDError: Bad arguments (threads <= 0, unknown runtime, runs and seconds both or neither).
-        RunDirError: The run has no models or no eval.npz.
+        RunDirError: The run has no models or no eval.npz, or a file the manifest records is missing.
+        ArtifactChanged: A model file or eval.npz changed since it was written (exit code 1).
     """
-    from edgekd.validate import discover_models, read_validation
+    from edgekd.validate import check_inputs, discover_models, read_validation
 
     threads = parse_threads(threads)
     runtimes = parse_runtimes(runtimes)
@@ -318,6 +319,7 @@ def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 20
     targets = [t for t in discover_models(rd, runtimes) if t.source_model != "baseline"]
     if not targets:
         raise RunDirError(f"{rd.path} holds no models to measure", "run `edgekd distill` and `edgekd export` first")
+    check_inputs(rd, targets)  # a changed or truncated file is an error, not a row of numbers
     accuracy = {(r["file"], r["runtime"]): r for r in read_validation(rd).get("rows", [])}
     metrics = rd.metrics()
 
@@ -371,7 +373,12 @@ def _rounded(res: dict[str, Any]) -> dict[str, Any]:
 def read_report(rd: RunDir) -> dict[str, Any]:
     """``report.json`` of a run, or ``{}`` when bench has not run."""
     path = rd / REPORT_JSON
-    return read_json(path) if path.exists() else {}
+    if not path.exists():
+        return {}
+    data = read_json(path, dict)
+    if not isinstance(data.get("rows", []), list):
+        raise RunDirError(f"{path}: 'rows' is not a list: it was damaged or edited by hand", "run `edgekd bench` again")
+    return data
 
 
 def bench_summary(report: dict[str, Any]) -> str:

@@ -20,11 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgekd.errors import RunDirError
+from edgekd.errors import ArtifactChanged, RunDirError
 
 
 class BundleError(RunDirError, ValueError):
     """A run directory cannot be bundled (missing or damaged files). The message is one line."""
+
+
+class BundleFileChanged(BundleError, ArtifactChanged):
+    """A model file differs from the sha256 in metadata.json (changed or truncated since export). Exit code 1."""
+
+    exit_code = 1
 
 
 BENCH_SOURCE = Path(__file__).resolve().parents[1] / "device_tests" / "bench.py"
@@ -110,8 +116,8 @@ def _files_to_copy(run_dir: Path, meta: dict) -> list[str]:
             continue
         sha = entry.get("sha256")
         if sha and _sha256(path) != sha:
-            raise BundleError(f"{path} differs from the sha256 in metadata.json: it was changed or damaged",
-                              "export the run again")
+            raise BundleFileChanged(f"{path} differs from the sha256 in metadata.json: it was changed or damaged",
+                                    "export the run again", files=[rel])
         files.append(rel)
         if path.suffix.lower() == ".onnx":
             for data_rel in _onnx_external_files(path):

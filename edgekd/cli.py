@@ -35,7 +35,10 @@ def recipe_options(fn: Callable) -> Callable:
     return fn
 
 
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+# OSErrors that mean "this output location cannot be written", reported as bad input (exit code 2). ENOTDIR and
+# EEXIST come from creating a folder below a path that is a file (`--out some/file/x`).
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EEXIST, errno.ENAMETOOLONG}
 
 
 class EdgeKDGroup(click.Group):
@@ -52,22 +55,32 @@ class EdgeKDGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished epochs are saved; continue with --resume", err=True)
             ctx.exit(130)
-        except OSError as e:
-            # Disk full, read-only or forbidden output: the user's environment, not a bug in edgekd.
-            if e.errno not in _ENVIRONMENT_ERRNOS or (ctx.obj and ctx.obj.get("debug")):
-                raise
-            where = f" {e.filename}" if e.filename else ""
-            click.secho(f"error: cannot write{where}: {e.strerror} (free space or choose another --out)", err=True, fg="red")
-            ctx.exit(2)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except OSError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            if e.errno not in _ENVIRONMENT_ERRNOS:
+                _internal_error(ctx, e)
+            # Disk full, read-only or forbidden output, a file where a folder should be: the user's environment,
+            # not a bug in edgekd.
+            where = f" {e.filename}" if e.filename else ""
+            fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path"
+            click.secho(f"error: cannot write{where}: {e.strerror} ({fix} or choose another --out/--dest)",
+                        err=True, fg="red")
+            ctx.exit(2)
         except Exception as e:  # a bug: one line by default, the traceback with --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            click.secho(f"error: internal error {type(e).__name__}: {first} "
-                        "(rerun with `edgekd --debug ...` for the traceback and please report it)", err=True, fg="red")
-            ctx.exit(1)
+            _internal_error(ctx, e)
+
+
+def _internal_error(ctx: click.Context, e: BaseException) -> None:
+    """Report a bug in one line, exit code 1."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    click.secho(f"error: internal error {type(e).__name__}: {first} "
+                "(rerun with `edgekd --debug ...` for the traceback and please report it)", err=True, fg="red")
+    ctx.exit(1)
 
 
 @click.group(cls=EdgeKDGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,9 +163,15 @@ def list_models() -> None:
         click.echo(f"{name:12s} {doc}")
 
 
+def _run_option(fn: Callable) -> Callable:
+    fn = click.option("--out", "out", default="exported", show_default=True,
+                      help="Where runs live (for the default --run).")(fn)
+    return click.option("--run", "run", default=None, type=click.Path(file_okay=False),
+                        help="Run directory (default: the latest in --out).")(fn)
+
+
 @cli.command()
-@click.option("--run", "run", default=None, type=click.Path(file_okay=False), help="Run directory (default: latest in --out).")
-@click.option("--out", "out", default="exported", show_default=True, help="Where runs live (for the default --run).")
+@_run_option
 @click.option("--dest", default=None, type=click.Path(file_okay=False), help="Bundle folder (default: RUN/bundle).")
 def bundle(run: str | None, out: str, dest: str | None) -> None:
     """Gather what a device needs (models, metadata, eval set, bench.py) into one folder to copy over."""
@@ -167,8 +186,7 @@ def bundle(run: str | None, out: str, dest: str | None) -> None:
 
 
 @cli.command("prune")
-@click.option("--run", "run", default=None, type=click.Path(file_okay=False), help="Run directory (default: latest in --out).")
-@click.option("--out", "out", default="exported", show_default=True, help="Where runs live (for the default --run).")
+@_run_option
 @click.option("--ratio", type=float, default=None, help="Fraction of channels to remove, in (0, 1).")
 @click.option("--target-macs", type=float, default=None, help="Instead of --ratio: shrink MACs by this factor.")
 @click.option("--target-params", type=float, default=None, help="Instead of --ratio: shrink params by this factor.")
@@ -176,21 +194,26 @@ def bundle(run: str | None, out: str, dest: str | None) -> None:
 @click.option("--importance", default=None, metavar="NAME", help="Channel importance: l1, l2, bn or taylor.")
 @click.option("--finetune-epochs", type=int, default=None, help="KD fine-tuning epochs after each step.")
 @click.option("--protect", multiple=True, metavar="NAME", help="Module never pruned (repeatable; the classifier always is).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted prune from its last finished step and epoch (same options).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-step lines.")
 def prune_cmd(run: str | None, out: str, ratio: float | None, target_macs: float | None, target_params: float | None,
               steps: int | None, importance: str | None, finetune_epochs: int | None, protect: tuple[str, ...],
-              quiet: bool) -> None:
+              resume: bool, quiet: bool) -> None:
     """Remove whole channels of the distilled student (torch-pruning) and recover accuracy by KD fine-tuning.
 
     Defaults come from the run recipe's `prune` section. Writes RUN/student_pruned.pt and
-    metrics.json["student_pruned"] (accuracy, MACs, params, PyTorch latency before/after).
+    metrics.json["student_pruned"] (accuracy, MACs, params, PyTorch latency before/after). Every finished step
+    and fine-tuning epoch is saved under RUN/checkpoints; --resume continues a killed or interrupted prune.
     """
     from edgekd.prune import run_prune, summary
     from edgekd.run_dir import resolve_run
 
     rd = run_prune(resolve_run(run, out), ratio=ratio, target_macs=target_macs, target_params=target_params,
-                   steps=steps, importance=importance, finetune_epochs=finetune_epochs, protect=protect, quiet=quiet)
-    click.echo(summary(rd))
+                   steps=steps, importance=importance, finetune_epochs=finetune_epochs, protect=protect, quiet=quiet,
+                   resume=resume)
+    if rd is not None:  # None on ranks other than 0 under torchrun
+        click.echo(summary(rd))
 
 
 # -- export / quantize (edgekd/export/) ------------------------------------------------------------------
@@ -259,13 +282,6 @@ def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_met
 
 # -- validate / bench / report / run (edgekd/validate.py, bench.py, report.py, run.py) --------------------
 
-def _run_option(fn: Callable) -> Callable:
-    fn = click.option("--out", "out", default="exported", show_default=True,
-                      help="Where runs live (for the default --run).")(fn)
-    return click.option("--run", "run", default=None, type=click.Path(file_okay=False),
-                        help="Run directory (default: the latest in --out).")(fn)
-
-
 @cli.command("validate")
 @_run_option
 @click.option("--runtime", "runtimes", default=None, metavar="NAMES",
@@ -276,6 +292,8 @@ def _run_option(fn: Callable) -> Callable:
 def validate_cmd(run: str | None, out: str, runtimes: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Accuracy, macro P/R/F1 and agreement with teacher and fp32 student, for every model in every runtime.
 
+    First checks every file it will use against the sha256 recorded in manifest.json and metadata.json: a file
+    changed or truncated since it was written fails the command (exit 1) naming it, before anything is measured.
     Exits 1 when a budget of the recipe's `validate` section is broken, listing what broke.
     """
     from edgekd.bench import read_report

@@ -1,7 +1,8 @@
 """Error types. The CLI turns every :class:`EdgeKDError` into a one-line message and its exit code.
 
 Exit codes follow one rule across commands: 2 for bad input or usage (the user must change something),
-1 for a check that ran and failed (a budget, a parity verification), 0 for success.
+1 for a check that ran and failed (a budget, a parity verification, an artifact whose sha256 changed since it
+was written), 130 when interrupted, 0 for success.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ class CheckpointError(EdgeKDError):
 
 class RunDirError(EdgeKDError):
     """A run directory is missing, incomplete, or an artifact in it was changed."""
+
+
+class ArtifactChanged(RunDirError):
+    """A file of the run was changed or truncated after edgekd wrote it (its sha256 no longer matches).
+
+    Exit code 1, like a failed verification: the input was fine when written, the check against its record
+    failed. Carries the run-relative file names in ``files``.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None, files: list[str] | None = None):
+        super().__init__(message, hint)
+        self.files = list(files or [])
 
 
 class TrainingError(EdgeKDError):

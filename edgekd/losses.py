@@ -61,6 +61,14 @@ def build(name: str, **kwargs) -> nn.Module:
             close = difflib.get_close_matches(key, params, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"{name} takes: {', '.join(params) or 'no arguments'}"
             raise RecipeError(f"loss {name!r} has no argument {key!r}", hint)
+    # A number given as text (`--set distill.loss.temperature=abc`) would otherwise fail deep inside with a
+    # comparison error that does not name the argument.
+    for key, value in kwargs.items():
+        default = inspect.signature(cls.__init__).parameters[key].default
+        if value is not None and isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RecipeError(f"loss {name!r}: {key} must be a number, got {value!r}",
+                              f"e.g. distill.loss.{key}: {default}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -82,8 +90,22 @@ def _hard_term(student_logits: torch.Tensor, labels: torch.Tensor | None, weight
     return weight * F.cross_entropy(student_logits, labels)
 
 
+class _SoftHardMix(nn.Module):
+    """A loss ``alpha * soft + (1 - alpha) * CE``: labels are needed only when ``alpha < 1``."""
+
+    alpha: float
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.alpha < 1.0
+
+    @property
+    def label_weight(self) -> float:
+        return 1.0 - self.alpha
+
+
 @register_loss("kd")
-class KDLoss(nn.Module):
+class KDLoss(_SoftHardMix):
     """Response-based KD of Hinton et al. (2015), "Distilling the Knowledge in a Neural Network".
 
     ``loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)``
@@ -105,14 +127,6 @@ class KDLoss(nn.Module):
 
     search_space = {"temperature": (1.0, 20.0, False), "alpha": (0.0, 1.0, False)}
 
-    @property
-    def needs_labels(self) -> bool:
-        return self.alpha < 1.0
-
-    @property
-    def label_weight(self) -> float:
-        return 1.0 - self.alpha
-
     def forward(self, student_logits, teacher_logits, labels=None):
         t = self.temperature
         soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
@@ -121,7 +135,7 @@ class KDLoss(nn.Module):
 
 
 @register_loss("mse")
-class LogitMSELoss(nn.Module):
+class LogitMSELoss(_SoftHardMix):
     """Logit matching by mean squared error (Ba & Caruana, 2014, "Do Deep Nets Really Need to be Deep?").
 
     ``loss = alpha * mean((s - t)^2) + (1 - alpha) * CE(s, y)``; the high-temperature limit of KD.
@@ -135,14 +149,6 @@ class LogitMSELoss(nn.Module):
         self.alpha = _check_alpha(alpha)
 
     search_space = {"alpha": (0.0, 1.0, False)}
-
-    @property
-    def needs_labels(self) -> bool:
-        return self.alpha < 1.0
-
-    @property
-    def label_weight(self) -> float:
-        return 1.0 - self.alpha
 
     def forward(self, student_logits, teacher_logits, labels=None):
         return (self.alpha * F.mse_loss(student_logits, teacher_logits)

@@ -21,7 +21,10 @@ Files written into the run directory:
 - ``metrics.json["student_pruned"]``: test metrics, params, MACs, the reduction factors and the batch-1 PyTorch
   CPU latency of the unpruned and pruned student measured side by side (``latency_ms_before`` /
   ``latency_ms_after``).
-- ``checkpoints/prune_step<k>.state.pt``: resumable fine-tuning state of each step.
+- ``checkpoints/prune_step<k>.state.pt``: resumable fine-tuning state of each step (one per epoch).
+- ``checkpoints/prune_progress.pt``: the pruned model of the last finished step (saved like
+  ``student_pruned.pt``), the step index and torch-pruning's schedule state; ``checkpoints/prune_resume.json``:
+  the options and planned ratio of the prune, which ``--resume`` must match.
 
 Public API (used by the export stage and the benchmarks):
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import statistics
 import time
@@ -49,12 +53,15 @@ from torch import nn
 
 from edgekd.errors import CheckpointError, ModelError, RecipeError, RunDirError
 from edgekd.recipe import PruneConfig, Recipe, TrainConfig
-from edgekd.run_dir import RunDir, atomic_path
+from edgekd.run_dir import RunDir, atomic_path, read_json, sha256_file, write_json_atomic
 
 STAGE = "prune"
 ROLE = "student_pruned"
 ARTIFACT = f"{ROLE}.pt"
 FORMAT = "edgekd-pruned/1"
+# Resumable state of an unfinished prune (removed when a prune starts without --resume).
+PROGRESS = "checkpoints/prune_progress.pt"  # the model of the last finished step, the step index, the schedule
+OPTIONS = "checkpoints/prune_resume.json"  # the options the prune started with, and its planned channel ratio
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
 # Plain-data attribute types recorded per module; anything else (tensors, modules, callables) is not saved.
 _PLAIN = (bool, int, float, str, type(None))
@@ -334,7 +341,9 @@ def _target(cfg: PruneConfig) -> float:
 def prune_model(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, *, ratio: float | None = None,
                 gradients: Callable[[nn.Module], None] | None = None,
                 finetune: Callable[[nn.Module, int], dict[str, Any] | None] | None = None,
-                log: Callable[[str], None] | None = None) -> PruneResult:
+                log: Callable[[str], None] | None = None,
+                on_step: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+                progress: dict[str, Any] | None = None) -> PruneResult:
     """Prune ``model`` in place with torch-pruning in ``cfg.steps`` steps.
 
     Args:
@@ -346,6 +355,11 @@ def prune_model(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig
         finetune: Called as ``finetune(model, step)`` after each step (KD recovery); may return a dict that is
             added to the step's log.
         log: Receives one line per step.
+        on_step: Called as ``on_step(model, progress)`` after each finished step (pruned and fine-tuned);
+            ``progress`` is plain data (step index, torch-pruning schedule state, step log) that, with the
+            model of that step, continues the pruning exactly when passed back as ``progress``.
+        progress: Continue an interrupted pruning: ``model`` is the model of step ``progress["step"]`` and
+            ``progress`` what ``on_step`` received for it (``ratio`` must then be given).
 
     Raises:
         RecipeError: Unknown protected layer, unreachable target, or an importance the model cannot use.
@@ -353,16 +367,33 @@ def prune_model(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig
     planned, protected = plan(model, input_shape, cfg, gradients) if ratio is None else (
         ratio, protected_layers(model, input_shape, cfg))
     example = torch.zeros(1, *input_shape)
-    macs0, params0 = _count(model, input_shape)
-    pruner = _pruner(model, example, cfg, planned, cfg.steps, _ignored(model, protected))
+    if progress is None:
+        done, rows = 0, []
+        macs0, params0 = _count(model, input_shape)
+    else:
+        done, rows = int(progress["step"]), [dict(r) for r in progress["log"]]
+        macs0, params0 = int(progress["macs_before"]), int(progress["params_before"])
     result = PruneResult(ratio=planned, macs_before=macs0, params_before=params0, macs=macs0, params=params0,
-                         protected=protected)
-    for step in range(1, cfg.steps + 1):
-        result.steps.append(_one_step(model, pruner, step, input_shape, gradients, finetune, log, result))
+                         protected=protected, steps=rows)
+    if done:
+        result.macs, result.params = _count(model, input_shape)
+
+    def finished(step: int, pruner) -> None:
+        if on_step is not None:
+            on_step(model, {"step": step, "pruner": _pruner_state(pruner, model),
+                            "log": [dict(r) for r in result.steps], "macs_before": macs0, "params_before": params0})
+
+    if done < cfg.steps:
+        pruner = _pruner(model, example, cfg, planned, cfg.steps, _ignored(model, protected))
+        if done:  # the schedule continues from the original widths, as if it had never stopped
+            _restore_pruner(pruner, model, progress["pruner"])
+        for step in range(done + 1, cfg.steps + 1):
+            result.steps.append(_one_step(model, pruner, step, input_shape, gradients, finetune, log, result))
+            finished(step, pruner)
 
     # With global ranking the channels fall where the (fine-tuned) importance puts them, so a target met by
     # the plan can be missed by a little; one more step on the current model closes the gap.
-    if cfg.ratio is None:
+    if cfg.ratio is None and done <= cfg.steps:
         now = _reduction(result.macs, result.params, macs0, params0, cfg)
         if now < _target(cfg):
             if cfg.importance == "taylor":
@@ -371,8 +402,38 @@ def prune_model(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig
             extra_pruner = _pruner(model, example, cfg, extra, 1, _ignored(model, protected))
             result.steps.append(_one_step(model, extra_pruner, cfg.steps + 1, input_shape, gradients, finetune,
                                           log, result))
+            finished(cfg.steps + 1, extra_pruner)
     model.eval()
     return result
+
+
+def _pruner_state(pruner, model: nn.Module) -> dict[str, Any]:
+    """The schedule state of a torch-pruning pruner as plain data, modules by name."""
+    names = {m: n for n, m in model.named_modules()}
+    return {
+        "current_step": int(pruner.current_step),
+        "scope_initial_channels": {str(k): int(v) for k, v in pruner._scope_initial_channels.items()},
+        "layer_init_out_ch": {names[m]: v for m, v in pruner.layer_init_out_ch.items() if m in names},
+        "layer_init_in_ch": {names[m]: v for m, v in pruner.layer_init_in_ch.items() if m in names},
+        "initial_total_channels": int(pruner.initial_total_channels),
+        "initial_total_heads": int(pruner.initial_total_heads),
+    }
+
+
+def _restore_pruner(pruner, model: nn.Module, state: dict[str, Any]) -> None:
+    """Put a pruner built on a partly pruned model back where the pruner of the original model was."""
+    modules = dict(model.named_modules())
+    pruner.current_step = int(state["current_step"])
+    pruner._scope_initial_channels = dict(state["scope_initial_channels"])
+    for attr in ("layer_init_out_ch", "layer_init_in_ch"):
+        table = getattr(pruner, attr)
+        for name, value in state[attr].items():
+            if name not in modules:
+                raise CheckpointError(f"prune resume state names module {name!r}, which the model does not have",
+                                      "run `edgekd prune` without --resume to start over")
+            table[modules[name]] = value
+    pruner.initial_total_channels = int(state["initial_total_channels"])
+    pruner.initial_total_heads = int(state["initial_total_heads"])
 
 
 def _one_step(model: nn.Module, pruner, step: int, input_shape: tuple[int, ...], gradients, finetune, log,
@@ -437,10 +498,16 @@ def load_pruned(path: str | Path) -> nn.Module:
     Raises:
         CheckpointError: Missing, corrupt, not a pruned checkpoint, or not matching the recorded model.
     """
-    from edgekd.models import build_model, load_checkpoint
+    from edgekd.models import load_checkpoint
 
     path = Path(path)
-    ckpt = load_checkpoint(path)  # weights_only=True: no object is unpickled
+    return _build_pruned(load_checkpoint(path), path)  # weights_only=True: no object is unpickled
+
+
+def _build_pruned(ckpt: dict[str, Any], path: Path) -> nn.Module:
+    """The model of a loaded :func:`save_pruned` payload (see :func:`load_pruned`)."""
+    from edgekd.models import build_model
+
     if ckpt.get("format") != FORMAT or "modules" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a pruned edgekd checkpoint (format {ckpt.get('format')!r})",
                               "write it with `edgekd prune`")
@@ -544,7 +611,8 @@ def _finetune_config(recipe: Recipe, cfg: PruneConfig) -> TrainConfig:
     # distillation peak rate: on the default recipe's student (cut by 50% in 4 steps of 2 epochs) 1e-3
     # recovered 0.747 test accuracy and 1e-2 (its distill.lr) 0.935.
     return TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr if cfg.lr is not None else d.lr, optimizer=d.optimizer,
-                       weight_decay=d.weight_decay, momentum=d.momentum, scheduler="cosine", grad_clip=d.grad_clip)
+                       weight_decay=d.weight_decay, momentum=d.momentum, scheduler="cosine", grad_clip=d.grad_clip,
+                       amp=d.amp)
 
 
 def _load_role(rd: RunDir, role: str, allow_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -579,23 +647,174 @@ def _load_teacher(rd: RunDir, recipe: Recipe) -> nn.Module:
     return TeacherEnsemble(models, weights, recipe.distill.ensemble).eval()
 
 
+def _normalized(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _options(cfg: PruneConfig, ft_cfg: TrainConfig, recipe: Recipe, rd: RunDir) -> dict[str, Any]:
+    """Everything a resumed prune must share with the interrupted one to end with the same weights."""
+    from edgekd.distill import distributed
+
+    return _normalized({
+        "prune": cfg.model_dump(), "finetune": ft_cfg.model_dump(), "seed": recipe.seed,
+        "loss": recipe.distill.loss, "cache_teacher": recipe.distill.cache_teacher,
+        "world_size": distributed.world_size(), "student_sha256": sha256_file(rd / "student.pt"),
+    })
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first option that differs, as ``key=old, not new`` (None: the same)."""
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in d.items():
+            if key == "prune" and isinstance(value, dict):
+                out.update(value)
+            elif key == "finetune" and isinstance(value, dict):
+                out.update({f"finetune.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    for key in dict.fromkeys([*b, *a]):
+        if a.get(key) != b.get(key):
+            if key == "student_sha256":
+                return "another student.pt (it changed since)"
+            return f"{key}={json.dumps(a.get(key))}, not {json.dumps(b.get(key))}"
+    return None
+
+
+def _clear_progress(rd: RunDir) -> None:
+    """Remove the resumable state of an earlier prune of this run (and temporary files a kill left behind)."""
+    folder = rd / "checkpoints"
+    if not folder.is_dir():
+        return
+    for pattern in ("prune_step*.state.pt", ".prune_step*", ".prune_progress.*", ".prune_resume.*"):
+        for f in folder.glob(pattern):
+            f.unlink(missing_ok=True)
+    for name in (PROGRESS, OPTIONS):
+        (rd / name).unlink(missing_ok=True)
+
+
+def _resume_point(rd: RunDir, options: dict[str, Any], resume: bool | str, quiet: bool) -> dict[str, Any] | None:
+    """Where an interrupted prune of ``rd`` stopped: ``{"ratio", "done", "model", "state"}``; None: start over.
+
+    Raises:
+        RecipeError: ``resume=True`` and the interrupted prune had other options.
+        CheckpointError: The saved step does not belong to the interrupted prune, or is damaged.
+    """
+    from edgekd.models import load_checkpoint
+
+    path = rd / OPTIONS
+    if not path.is_file():
+        if resume is True and not quiet:
+            print(f"nothing to resume in {rd.path}: starting the prune", flush=True)
+        return None
+    recorded = read_json(path, dict)
+    ratio = recorded.pop("planned_ratio", None)
+    diff = _difference(recorded, options)
+    if diff is not None:
+        if resume == "auto":
+            return None
+        raise RecipeError(f"--resume: the prune of {rd.path} was started with {diff}",
+                          "pass the options it started with, or drop --resume to start over")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
+        raise CheckpointError(f"{path} records no planned ratio: it was damaged or edited by hand",
+                              "drop --resume to start the prune over")
+    point = {"ratio": float(ratio), "done": 0, "model": None, "state": None}
+    progress = rd / PROGRESS
+    if not progress.is_file():  # stopped during the first step: its fine-tuning epochs are all there is
+        return point
+    ckpt = load_checkpoint(progress)  # weights_only=True
+    state = ckpt.get("progress")
+    if ckpt.get("options") != options or not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{progress} does not belong to the interrupted prune",
+                              "drop --resume to start the prune over")
+    point.update(done=int(state["step"]), model=_build_pruned(ckpt, progress), state=state)
+    return point
+
+
 def run_prune(rd: RunDir | str | Path, *, ratio: float | None = None, target_macs: float | None = None,
               target_params: float | None = None, steps: int | None = None, importance: str | None = None,
               finetune_epochs: int | None = None, protect: Iterable[str] = (), global_pruning: bool | None = None,
-              lr: float | None = None, quiet: bool = False, latency_runs: int = 300) -> RunDir:
+              lr: float | None = None, quiet: bool = False, latency_runs: int = 300,
+              device: str = "auto", resume: bool | str = False) -> RunDir | None:
     """Prune a run's distilled student, fine-tune it by KD from the teacher, and record everything.
 
     Every check that can fail on bad input (config, files, protected names, reachable target) runs before
     anything is written, so a failed call leaves the run directory exactly as it was.
 
+    Under ``torchrun --nproc_per_node=N -m edgekd prune`` every rank loads the run, plans and prunes the same
+    channels itself (see :func:`edgekd.distill.distributed.sync_pruned`: rank 0's ratio and post-step weights
+    are then broadcast, after checking the widths agree) and the KD fine-tuning runs under
+    DistributedDataParallel with sharded sampling, ``data.batch_size`` staying the global batch. Only rank 0
+    writes into the run directory; the other ranks keep their fine-tuning checkpoints in a scratch directory.
+
+    Each finished step is saved atomically to ``checkpoints/prune_progress.pt`` (the pruned model of that step,
+    rebuildable like ``student_pruned.pt``, with the step index and torch-pruning's schedule state), and each
+    fine-tuning epoch to ``checkpoints/prune_step<k>.state.pt``. ``resume=True`` continues an interrupted prune
+    from its last finished step and epoch, ending with the same weights as an uninterrupted run (same seed, CPU);
+    the options must be those the interrupted prune recorded in ``checkpoints/prune_resume.json``. Without it,
+    the prune starts clean. ``student_pruned.pt`` only appears once the whole prune has finished.
+
+    Args:
+        device: Fine-tuning device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
+        resume: Continue an interrupted prune (nothing to continue: start one). ``"auto"`` (``edgekd run``):
+            continue it if its options are the same, else start over.
+
+    Raises:
+        RecipeError: ``resume=True`` with options other than the interrupted prune's, or under torchrun.
+
     Returns:
-        The run directory, now holding ``student_pruned.pt`` and ``metrics.json["student_pruned"]``.
+        The run directory, now holding ``student_pruned.pt`` and ``metrics.json["student_pruned"]``; None on
+        ranks other than 0 under torchrun.
     """
+    from edgekd.distill import distributed
+
+    if distributed.is_distributed():  # the caller owns the process group
+        return _run_prune(rd, ratio=ratio, target_macs=target_macs, target_params=target_params, steps=steps,
+                          importance=importance, finetune_epochs=finetune_epochs, protect=protect,
+                          global_pruning=global_pruning, lr=lr, quiet=quiet, latency_runs=latency_runs,
+                          resume=resume)
+    info = distributed.setup(device)
+    ok = False
+    try:
+        out = _run_prune(rd, ratio=ratio, target_macs=target_macs, target_params=target_params, steps=steps,
+                         importance=importance, finetune_epochs=finetune_epochs, protect=protect,
+                         global_pruning=global_pruning, lr=lr, quiet=quiet, latency_runs=latency_runs,
+                         launch=info, resume=resume)
+        ok = True
+        return out
+    finally:
+        if not ok and distributed.is_distributed():  # no barrier: the other ranks may never reach it
+            torch.distributed.destroy_process_group()
+        distributed.teardown()
+
+
+def _run_prune(rd: RunDir | str | Path, *, ratio: float | None, target_macs: float | None,
+               target_params: float | None, steps: int | None, importance: str | None,
+               finetune_epochs: int | None, protect: Iterable[str], global_pruning: bool | None,
+               lr: float | None, quiet: bool, latency_runs: int, launch: dict[str, Any] | None = None,
+               resume: bool | str = False) -> RunDir | None:
+    import shutil
+    import tempfile
+
     from edgekd import losses
     from edgekd.data import load_data
+    from edgekd.distill import distributed
     from edgekd.distill.trainer import evaluate, fit
     from edgekd.recipe import load_recipe
 
+    main = distributed.is_main()
+    world = distributed.world_size()
+    if world > 1:
+        if resume is True:
+            raise RecipeError("prune --resume is not supported under torchrun",
+                              "resume the prune with a single process, or run it again without --resume")
+        resume = False
+    if launch is None:
+        launch = {"world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None,
+                  "device": str(distributed.device())}
     rd = rd if isinstance(rd, RunDir) else RunDir(rd)
     if not (rd / "recipe.yaml").is_file():
         raise RunDirError(f"{rd.path} has no recipe.yaml", "pass --run with a directory from `edgekd distill`")
@@ -614,6 +833,7 @@ def run_prune(rd: RunDir | str | Path, *, ratio: float | None = None, target_mac
     if tuple(data.input_shape) != input_shape:
         raise RunDirError(f"student.pt expects inputs {input_shape} but the recipe's data gives {data.input_shape}",
                           "the run directory was edited; distill again")
+    distributed.local_batch_size(data.batch_size, len(data.train))  # splittable over the ranks? (before writing)
     loss_kwargs = dict(recipe.distill.loss)
     loss_name = loss_kwargs.pop("name")
 
@@ -640,30 +860,76 @@ def run_prune(rd: RunDir | str | Path, *, ratio: float | None = None, target_mac
             grad_loss(model(x), t, y).backward()
 
     ft_cfg = _finetune_config(recipe, cfg)
-    ckpt_dir = rd / "checkpoints"
-    log = None if quiet else (lambda line: print(line, flush=True))
+    options = _options(cfg, ft_cfg, recipe, rd)
+    progress = _resume_point(rd, options, resume, quiet) if resume else None
+    # Other ranks fine-tune in step with rank 0 but keep their checkpoints out of the run directory.
+    scratch = None if main else Path(tempfile.mkdtemp(prefix=f"edgekd-rank{distributed.rank()}-prune-"))
+    ckpt_dir = rd / "checkpoints" if main else scratch
+    log = None if quiet or not main else (lambda line: print(line, flush=True))
+
+    # The step a resumed prune continues with: its fine-tuning resumes from the epochs already saved.
+    resume_step = None if progress is None else progress["done"] + 1
 
     def finetune(model: nn.Module, step: int) -> dict[str, Any]:
+        distributed.sync_pruned(model)  # every rank now holds rank 0's pruned weights
         if ft_cfg.epochs == 0:
             return {"val_accuracy": evaluate(model, data, "val")["test_accuracy"]}
         state_path = ckpt_dir / f"prune_step{step}.state.pt"
-        if state_path.exists():
+        cont = step == resume_step
+        if not cont and state_path.exists():
             state_path.unlink()
+        # Each step's fine-tuning starts from its own seed (dropout, loss projections): the same whether or not
+        # the run stopped before it.
+        torch.manual_seed(recipe.seed + step)
         res = fit(f"prune{step}", model, data, ft_cfg, make_loss(), seed=recipe.seed + step, state_path=state_path,
-                  teacher=teacher, cache_teacher=recipe.distill.cache_teacher, quiet=quiet)
+                  teacher=teacher, cache_teacher=recipe.distill.cache_teacher, quiet=quiet or not main,
+                  resume=cont)
         return {"val_accuracy": res.best_val_accuracy, "finetune_seconds": round(res.seconds, 3)}
 
     t0 = time.perf_counter()
-    ratio_, _ = plan(student, input_shape, cfg, gradients)  # raises on bad input, changes nothing
+    if progress is not None:  # the interrupted prune's plan (the same: it is a function of student.pt and options)
+        ratio_ = progress["ratio"]
+    else:
+        ratio_, _ = plan(student, input_shape, cfg, gradients)  # raises on bad input, changes nothing
+        ratio_ = distributed.broadcast_object(ratio_)  # computed on every rank; rank 0's value is the one used
     # Nothing in the run directory has been touched up to here.
-    rd.stage_started(STAGE)
-    result = prune_model(student, input_shape, cfg, ratio=ratio_, gradients=gradients, finetune=finetune, log=log)
+    progress_path = rd / PROGRESS
+    if main:
+        rd.stage_started(STAGE)
+        if (rd / ARTIFACT).exists():  # from an earlier prune: only a finished prune leaves student_pruned.pt
+            (rd / ARTIFACT).unlink()
+            rd.forget_artifacts(ARTIFACT)
+        if progress is None:  # a fresh prune: no step file of an earlier one may be picked up later
+            _clear_progress(rd)
+            write_json_atomic(rd / OPTIONS, {**options, "planned_ratio": ratio_})
+
+    def save_step(model: nn.Module, state: dict[str, Any]) -> None:
+        if main:
+            save_pruned(progress_path, model, spec, kwargs, input_shape, data.num_classes, source="student.pt",
+                        ratio=ratio_, progress=state, options=options)
+        if log is not None:
+            log(f"prune step {state['step']} saved to {progress_path}")
+
+    model = student
+    if progress is not None and progress["model"] is not None:
+        model = progress["model"]
+        if log is not None:
+            log(f"resuming the prune after step {progress['done']} ({progress_path})")
+    try:
+        result = prune_model(model, input_shape, cfg, ratio=ratio_, gradients=gradients, finetune=finetune,
+                             log=log, on_step=save_step, progress=progress["state"] if progress else None)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    student.eval()
+    student = model.eval()
+    if not main:
+        return None
     after = evaluate(student, data, "test")
+    latency = measure_latency({"before": original, "after": student}, input_shape, runs=latency_runs)
+    # Written last, just before the books: an interrupted prune leaves no student_pruned.pt.
     save_pruned(rd / ARTIFACT, student, spec, kwargs, input_shape, data.num_classes,
                 source="student.pt", ratio=result.ratio, protected=result.protected)
-    latency = measure_latency({"before": original, "after": student}, input_shape, runs=latency_runs)
     widths0, widths1 = layer_widths(original), layer_widths(student)
     metrics = {
         **after, "model": spec, "params": result.params, "macs": result.macs,
@@ -679,11 +945,13 @@ def run_prune(rd: RunDir | str | Path, *, ratio: float | None = None, target_mac
         "finetune_epochs": cfg.finetune_epochs, "lr": ft_cfg.lr, "protected": result.protected,
         "channels": {name: [widths0[name], widths1.get(name)] for name in widths0},
         "step_log": result.steps, "train_seconds": round(seconds, 3),
+        "world_size": launch["world_size"], "backend": launch["backend"], "device": launch["device"],
     }
     rd.update_metrics(ROLE, metrics)
     rd.record_artifacts(ARTIFACT)
     rd.stage_done(STAGE, artifact=ARTIFACT, seconds=round(seconds, 2), ratio=result.ratio,
-                  mac_reduction=metrics["mac_reduction"])
+                  mac_reduction=metrics["mac_reduction"], world_size=launch["world_size"],
+                  backend=launch["backend"], device=launch["device"])
     return rd
 
 

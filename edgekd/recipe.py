@@ -57,8 +57,8 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     scheduler: Literal["none", "cosine", "onecycle"] = "onecycle"
     grad_clip: Optional[float] = Field(None, gt=0)
-    amp: Literal["off", "bf16"] = Field("off", description="bf16 autocast of the trained model's forward pass "
-                                                          "(GPU; also works on CPU)")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="bf16/fp16 autocast of the trained model's "
+                                                                  "forward pass (GPU; also works on CPU)")
 
 
 class TeacherConfig(TrainConfig):
@@ -250,11 +250,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"recipe {path} is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"recipe {path} is not a text file") from None
+    except Exception as e:
+        # PyYAML builds some tagged or implicit scalars with Python constructors that raise their own errors
+        # (ValueError for a date like 2001-02-30, `!!int 0x` or `!!float abc`; AttributeError for
+        # `!!timestamp x`), and recurses on deep nesting: on a user's text, each means "not valid YAML".
+        raise RecipeError(f"recipe {path} is not valid YAML: {_one_line(e)}") from None
     if data is None:
         raise RecipeError(f"recipe {path} is empty", "see recipes/README.md for the keys")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, not a {type(data).__name__}")
     return data
+
+
+def _one_line(e: BaseException) -> str:
+    return (" ".join(str(e).split()) or type(e).__name__)[:200]
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -265,7 +274,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise RecipeError(f"--set {item!r} is not of the form section.key=value", "e.g. --set distill.epochs=3")
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except Exception:  # not valid YAML (e.g. `2001-02-30`, see read_yaml): the schema types the plain string
         value = text
     parts = key.split(".")
     node = raw
@@ -292,8 +301,13 @@ def _describe(err: dict[str, Any], source: str) -> str:
     key = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"did you mean {'.'.join(loc[:-1] + close)!r}?" if close else f"valid keys: {', '.join(valid)}"
+        # Loss parameters live in distill.loss: `distill.temprature` means distill.loss.temperature, not
+        # the nearest spelling among distill's own keys.
+        moved = _MOVED_KEYS.get(".".join(loc[:-1]), {})
+        near = difflib.get_close_matches(loc[-1], list(moved), n=1, cutoff=0.75)
+        close = [moved[near[0]]] if near else difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        close = [".".join(loc[:-1] + close)] if close and not near else close
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
         return f"{source}: unknown key {key!r}; {hint}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -301,6 +315,11 @@ def _describe(err: dict[str, Any], source: str) -> str:
     got = err.get("input")
     got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     return f"{source}: {key}: {msg}{got_text}"
+
+
+# Keys users put one level too high: section -> {key: where it belongs}.
+_MOVED_KEYS = {"distill": {"temperature": "distill.loss.temperature", "alpha": "distill.loss.alpha"},
+               "": {"epochs": "distill.epochs", "lr": "distill.lr", "temperature": "distill.loss.temperature"}}
 
 
 def _valid_keys(loc: list[str]) -> list[str]:

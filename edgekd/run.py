@@ -179,8 +179,10 @@ def run_pipeline(recipe: Recipe, out: str | Path = "exported", force: bool = Fal
     if should_run("prune", recipe.prune):
         from edgekd.prune import run_prune
 
+        # An interrupted prune of the same student with the same options continues from its last finished step.
+        resume_prune = "auto" if not (upstream_ran or force) else False
         echo("[prune] pruning the student and fine-tuning it by KD")
-        _call(run_prune, rd, quiet=quiet)
+        _call(run_prune, rd, quiet=quiet, resume=resume_prune)
         done("prune")
     if should_run("export", recipe.export):
         echo("[export] exporting to " + ", ".join(recipe.export.formats) + " with "

@@ -14,9 +14,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from edgekd.errors import RunDirError
+from edgekd.errors import ArtifactChanged, RunDirError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -79,13 +79,28 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, turning a corrupt file into a :class:`RunDirError`."""
+def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
+    """Read a JSON file, turning a corrupt file into a :class:`RunDirError`.
+
+    Args:
+        path: The file.
+        expect: The type the top-level value must have (``dict`` for the run's bookkeeping files).
+    """
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RunDirError(f"{path} is not valid JSON (line {e.lineno}): it was damaged or edited by hand",
                           "delete the run directory and run the stage again") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not a text file: it was damaged or replaced",
+                          "delete the run directory and run the stage again") from None
+    if expect is not None and not isinstance(data, expect):
+        names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+                 bool: "true/false", type(None): "null"}
+        raise RunDirError(f"{path} holds {names.get(type(data), type(data).__name__)}, not "
+                          f"{names.get(expect, expect.__name__)}: it was damaged or edited by hand",
+                          "delete the run directory and run the stage again")
+    return data
 
 
 class RunDir:
@@ -117,7 +132,12 @@ class RunDir:
         path = self.path / MANIFEST
         if not path.exists():
             return {"run": self.name, "created": _now(), "stages": {}, "artifacts": {}}
-        return read_json(path)
+        manifest = read_json(path, dict)
+        for key in ("stages", "artifacts"):
+            if not isinstance(manifest.setdefault(key, {}), dict):
+                raise RunDirError(f"{path}: '{key}' is not an object: the manifest was damaged or edited by hand",
+                                  "delete the run directory and run the stages again")
+        return manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         write_json_atomic(self.path / MANIFEST, manifest)
@@ -168,16 +188,84 @@ class RunDir:
                 problems.append(f"{name} changed since it was written (sha256 mismatch)")
         return problems
 
+    def check_artifacts(self, names: Iterable[str], expected: dict[str, str] | None = None,
+                        missing_ok: bool = False) -> None:
+        """Check files a stage is about to use against their records; raise naming every file that fails.
+
+        A file is checked when the manifest records it (sha256 and size) or ``expected`` gives its sha256
+        (``metadata.json`` does for exported models); files with no record are not checked.
+
+        Args:
+            names: Files relative to the run directory.
+            expected: Further sha256 records by file name.
+            missing_ok: Do not complain about recorded files that are missing (the caller reports them).
+
+        Raises:
+            ArtifactChanged: A file's size or sha256 differs from its record (exit code 1).
+            RunDirError: A recorded file is missing (exit code 2).
+        """
+        artifacts = self.manifest().get("artifacts", {})
+        expected = expected or {}
+        changed: list[tuple[str, str]] = []
+        missing: list[str] = []
+        for name in dict.fromkeys(names):
+            record = artifacts.get(name) if isinstance(artifacts.get(name), dict) else {}
+            shas = {s for s in (record.get("sha256"), expected.get(name)) if isinstance(s, str) and s}
+            if not shas:
+                continue
+            p = self.path / name
+            if not p.is_file():
+                missing.append(name)
+                continue
+            size, recorded = p.stat().st_size, record.get("size_bytes")
+            if isinstance(recorded, int) and size != recorded:
+                changed.append((name, f"{size} bytes, {recorded} when written: truncated or replaced"))
+            elif any(sha256_file(p) != s for s in shas):
+                changed.append((name, "sha256 mismatch"))
+        if changed:
+            first = sorted({_writer(n) for n, _ in changed}, key=_STAGE_ORDER.index)[0]
+            # The earliest stage that wrote a damaged file: re-running it rewrites everything after it too.
+            again = ("for a new run" if first == "edgekd distill"
+                     else f"to write {'it' if len(changed) == 1 else 'them'} again")
+            what = "; ".join(f"{self.path / n} changed since it was written ({why})" for n, why in changed)
+            raise ArtifactChanged(f"{what}: re-run `{first}` {again}, or restore the original"
+                                  + ("" if len(changed) == 1 else "s"), files=[n for n, _ in changed])
+        if missing and not missing_ok:
+            commands = sorted({_writer(n) for n in missing}, key=_STAGE_ORDER.index)
+            raise RunDirError(f"{', '.join(str(self.path / n) for n in missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} missing (recorded in {MANIFEST})",
+                              f"re-run `{commands[0]}`, or pick another --run")
+
     # -- metrics --------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         path = self.path / METRICS
-        return read_json(path) if path.exists() else {}
+        return read_json(path, dict) if path.exists() else {}
 
     def update_metrics(self, key: str, values: dict[str, Any]) -> None:
         """Merge ``values`` into ``metrics.json[key]`` (one entry per model, stable keys)."""
         metrics = self.metrics()
         metrics.setdefault(key, {}).update(values)
         write_json_atomic(self.path / METRICS, metrics)
+
+
+_STAGE_ORDER = ["edgekd distill", "edgekd prune", "edgekd export", "edgekd validate", "edgekd bench",
+                "edgekd report"]
+
+
+def _writer(name: str) -> str:
+    """The command that writes a run artifact (what to re-run when it is damaged)."""
+    base = Path(name).name
+    if base == "metadata.json" or base.endswith((".onnx", ".tflite", ".onnx.data")):
+        return "edgekd export"
+    if base.startswith("student_pruned"):
+        return "edgekd prune"
+    if base == "validate.json":
+        return "edgekd validate"
+    if base == "report.json":
+        return "edgekd bench"
+    if base.startswith("report"):
+        return "edgekd report"
+    return "edgekd distill"  # checkpoints, eval.npz, data.json, recipe.yaml: a new run
 
 
 def _now() -> str:

@@ -5,6 +5,10 @@ normalization, layout and integer quantization recorded in ``metadata.json`` exa
 (file, runtime) it reports accuracy, macro precision/recall/F1, and top-1 agreement with the PyTorch fp32 teacher
 and with the PyTorch fp32 student. Results go to ``validate.json`` and, per exported file name, ``metrics.json``.
 
+Before anything is measured, every file the command will use is checked against the sha256 recorded when it was
+written (``manifest.json``, and ``metadata.json`` for exported models, see :func:`check_inputs`): a changed or
+truncated file raises :class:`~edgekd.errors.ArtifactChanged` (exit code 1) naming it.
+
 Budgets (the recipe's ``validate`` section) are checked by :func:`check_budgets`: a broken budget raises
 :class:`~edgekd.errors.CheckFailed` (exit code 1) naming each file and what it broke, so CI can gate on it.
 """
@@ -54,7 +58,7 @@ def _data_info(rd: RunDir) -> dict[str, Any]:
     path = rd / "data.json"
     if not path.is_file():
         raise RunDirError(f"{path} not found: {rd.path} is not a finished distill run", "run `edgekd distill` first")
-    return read_json(path)
+    return read_json(path, dict)
 
 
 def read_metadata(rd: RunDir) -> dict[str, Any] | None:
@@ -93,6 +97,9 @@ def discover_models(rd: RunDir, runtimes: list[str] | None = None) -> list[Model
     for entry in (meta or {}).get("models", []):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise RunDirError(f"{rd / 'metadata.json'}: a model entry has no 'file'", "run `edgekd export` again")
+        if not entry["file"] or Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts:
+            raise RunDirError(f"{rd / 'metadata.json'}: model file {entry['file']!r} is not a file name inside the run",
+                              "run `edgekd export` again")
         entry = dict(entry)
         # The contract allows normalization at the top level only; runtimes read it from the entry.
         entry.setdefault("normalization", meta.get("normalization") or norm)
@@ -135,6 +142,29 @@ def _classification(pred: np.ndarray, y: np.ndarray, num_classes: int) -> dict[s
             "f1_macro": float(f)}
 
 
+def check_inputs(rd: RunDir, targets: list[ModelTarget]) -> None:
+    """Before using them, check the files of ``targets`` and the run files they rely on against their records.
+
+    Every model file is compared with the sha256 (and size) in ``manifest.json`` and, for exported files, the
+    sha256 in ``metadata.json``; so are ``eval.npz``, ``data.json``, ``recipe.yaml``, ``metadata.json``, an ONNX
+    model's external-data file and the PyTorch teacher and student that agreement is measured against.
+
+    Raises:
+        ArtifactChanged: A file was changed or truncated since it was written (exit code 1), naming each one.
+        RunDirError: A file the manifest records is missing (exit code 2).
+    """
+    names = ["eval.npz", "data.json", "recipe.yaml", "metadata.json", "teacher.pt", "student.pt"]
+    expected: dict[str, str] = {}
+    for t in targets:
+        names.append(t.file)
+        if t.format == "onnx":
+            names.append(t.file + ".data")
+        sha = t.entry.get("sha256")
+        if t.format != "pt" and isinstance(sha, str):
+            expected[t.file] = sha
+    rd.check_artifacts(names, expected)
+
+
 def _integrity_problem(rd: RunDir, target: ModelTarget) -> str | None:
     """Why a file cannot be trusted (missing, or changed since export), or None."""
     p = rd / target.file
@@ -163,7 +193,8 @@ def run_validate(rd: RunDir, runtimes: list[str] | None = None, threads: int | N
         ``accuracy_drop_vs_teacher``, ``size_bytes``, ``n_eval`` and ``seconds``.
 
     Raises:
-        RunDirError: No models, no eval.npz, or every model failed to run.
+        ArtifactChanged: A file it would use changed since it was written (see :func:`check_inputs`; exit 1).
+        RunDirError: No models, no eval.npz, a recorded file is missing, or every model failed to run.
     """
     from edgekd.bench import parse_runtimes
     from edgekd.runtimes import runtime_for
@@ -172,6 +203,8 @@ def run_validate(rd: RunDir, runtimes: list[str] | None = None, threads: int | N
     if threads is not None and threads <= 0:
         raise EdgeKDError(f"--threads must be positive, got {threads}")
     targets = discover_models(rd, runtimes)
+    # Tamper check first: a file changed since it was written fails the command, nothing is measured.
+    check_inputs(rd, targets)
     x, y = load_eval(rd)
     num_classes = len(_data_info(rd).get("labels") or []) or int(y.max()) + 1
 
@@ -248,7 +281,13 @@ def _fmt(v: float | None) -> str:
 def read_validation(rd: RunDir) -> dict[str, Any]:
     """``validate.json`` of a run, or ``{}`` before validate ran."""
     path = rd / VALIDATE_JSON
-    return read_json(path) if path.exists() else {}
+    if not path.exists():
+        return {}
+    data = read_json(path, dict)
+    if not isinstance(data.get("rows", []), list):
+        raise RunDirError(f"{path}: 'rows' is not a list: it was damaged or edited by hand",
+                          "run `edgekd validate` again")
+    return data
 
 
 def validate_summary(result: dict[str, Any]) -> str:

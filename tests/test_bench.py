@@ -104,6 +104,7 @@ def test_bench_threads_seconds_batch_and_accuracy(run_copy: Path):
     meta = json.loads((run_copy / "metadata.json").read_text())
     (run_copy / "metadata.json").write_text(json.dumps({**meta, "models": [
         e for e in meta["models"] if e["file"] in ("student_fp32.tflite", "student_int8.tflite")]}))
+    RunDir(run_copy).record_artifacts("metadata.json")  # an edit the run knows of, not tampering
     res = runner.invoke(cli, ["bench", "--run", str(run_copy), "--runtime", "litert", "--threads", "1,2",
                               "--seconds", "0.2", "--batch", "4", "--warmup", "0", "-q"])
     assert res.exit_code == 0, res.output
@@ -142,10 +143,29 @@ def test_bench_bad_input_exits_2_without_writing(run_copy: Path, tmp_path: Path)
 
 
 def test_a_model_that_cannot_run_is_skipped_with_its_reason(run_copy: Path):
+    from edgekd.run_dir import sha256_file
+
     (run_copy / "teacher_fp32.tflite").write_bytes(b"not a flatbuffer at all")
+    # Recorded as written (a file the runtime cannot load), so the tamper check lets it through to the runtime.
+    meta = json.loads((run_copy / "metadata.json").read_text())
+    for e in meta["models"]:
+        if e["file"] == "teacher_fp32.tflite":
+            e["sha256"] = sha256_file(run_copy / "teacher_fp32.tflite")
+    (run_copy / "metadata.json").write_text(json.dumps(meta))
+    RunDir(run_copy).record_artifacts("teacher_fp32.tflite", "metadata.json")
     res = CliRunner().invoke(cli, ["bench", "--run", str(run_copy), "--runtime", "litert", "--threads", "1",
                                    "--runs", "5", "-q"])
     assert res.exit_code == 0, res.output
     report = json.loads((run_copy / "report.json").read_text())
     assert sorted(r["file"] for r in report["rows"]) == sorted(f for f in STUDENT_FILES if f.endswith(".tflite"))
     assert report["skipped"][0]["file"] == "teacher_fp32.tflite" and "LiteRT cannot load" in report["skipped"][0]["reason"]
+
+
+def test_a_changed_model_fails_bench_before_measuring(run_copy: Path):
+    data = (run_copy / "student_int8.tflite").read_bytes()
+    (run_copy / "student_int8.tflite").write_bytes(data[: len(data) // 2])
+    res = CliRunner().invoke(cli, ["bench", "--run", str(run_copy), "--runtime", "litert", "--threads", "1",
+                                   "--runs", "5", "-q"])
+    assert res.exit_code == 1, res.output
+    assert "student_int8.tflite changed since it was written" in res.output and "re-run `edgekd export`" in res.output
+    assert not (run_copy / "report.json").exists()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +255,134 @@ def test_cli_default_run_is_the_latest_in_out(run_copy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(cli, ["prune", "--out", str(tmp_path / "nothing-here")])
     assert res.exit_code == 2 and "no run found" in res.output
+
+
+# -- resuming an interrupted prune -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, global_pruning", [("cnn", False), ("resnet", True), ("mobilenetv2", False)])
+def test_prune_model_continues_from_a_saved_step(name, global_pruning, tmp_path):
+    # The schedule of a pruner rebuilt on the model of step 1 (saved and reloaded like student_pruned.pt)
+    # removes the same channels in steps 2 and 3 as the pruner of the original model.
+    cfg = PruneConfig(ratio=0.6, steps=3, global_pruning=global_pruning)
+    full = _model(name)
+    prune_model(full, SHAPE, cfg)
+
+    saved = {}
+
+    def on_step(model, progress):
+        if progress["step"] == 1:
+            save_pruned(tmp_path / "step1.pt", model, name, TINY_KWARGS[name], SHAPE, 5)
+            saved.update(progress)
+
+    prune_model(_model(name), SHAPE, cfg, on_step=on_step)
+    resumed = load_pruned(tmp_path / "step1.pt")
+    result = prune_model(resumed, SHAPE, cfg, ratio=0.6, progress=saved)
+    assert [row["step"] for row in result.steps] == [1, 2, 3]
+    assert layer_widths(resumed) == layer_widths(full)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _prune_args(run: Path, *extra: str) -> list[str]:
+    return ["prune", "--run", str(run), "--ratio", "0.5", "--steps", "2", "--finetune-epochs", "2", "-q", *extra]
+
+
+def _interrupted(run: Path, when: Path, *extra: str):
+    """`edgekd prune` on ``run``, interrupted as by Ctrl-C (SIGINT's KeyboardInterrupt) once ``when`` exists."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if when.exists():
+                _thread.interrupt_main()
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        return CliRunner().invoke(cli, _prune_args(run, *extra))
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    sa, sb = _state_dict(a), _state_dict(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_run, tmp_path_factory) -> Path:
+    """student_pruned.pt of an uninterrupted `edgekd prune` (steps 2, 2 fine-tuning epochs) of the tiny run."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    shutil.copytree(tiny_run, run)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests comparing with it
+    try:
+        res = CliRunner().invoke(cli, _prune_args(run))
+    finally:
+        torch.set_num_threads(previous)
+    assert res.exit_code == 0, res.output
+    return run / "student_pruned.pt"
+
+
+def test_cli_prune_ctrl_c_then_resume_gives_identical_weights(run_copy, uninterrupted):
+    ckpt = run_copy / "checkpoints"
+    res = _interrupted(run_copy, ckpt / "prune_progress.pt")  # Ctrl-C after step 1, during step 2
+    assert res.exit_code == 130, res.output
+    assert "interrupted" in res.output and "--resume" in res.output
+    assert not (run_copy / "student_pruned.pt").exists()  # only a finished prune writes it
+    assert torch.load(ckpt / "prune_progress.pt", weights_only=True)["progress"]["step"] == 1
+    rd = RunDir(run_copy)
+    assert rd.stage_status("prune") == "running" and "student_pruned.pt" not in rd.manifest()["artifacts"]
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+    # Other options than the interrupted prune's: refused in one line, nothing touched.
+    before = _snapshot(run_copy)
+    res = CliRunner().invoke(cli, _prune_args(run_copy, "--resume", "--steps", "3"))
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume: the prune of ") and \
+        "was started with steps=2, not 3" in lines[0], res.output
+    assert _snapshot(run_copy) == before
+
+    res = CliRunner().invoke(cli, _prune_args(run_copy, "--resume"))
+    assert res.exit_code == 0, res.output
+    assert _same_weights(run_copy / "student_pruned.pt", uninterrupted)
+    m = rd.metrics()["student_pruned"]
+    assert [row["step"] for row in m["step_log"]] == [1, 2] and rd.stage_status("prune") == "done"
+    assert not rd.verify_artifacts()
+
+
+def test_cli_prune_without_resume_starts_clean(run_copy, uninterrupted):
+    ckpt = run_copy / "checkpoints"
+    # An interrupted prune with other options leaves its step and epoch files behind...
+    res = _interrupted(run_copy, ckpt / "prune_progress.pt", "--steps", "3", "--finetune-epochs", "3")
+    assert res.exit_code == 130, res.output
+    assert (ckpt / "prune_step1.state.pt").is_file() and (ckpt / "prune_progress.pt").is_file()
+    # ...which a prune started without --resume removes before it saves its own.
+    res = CliRunner().invoke(cli, _prune_args(run_copy))
+    assert res.exit_code == 0, res.output
+    assert _same_weights(run_copy / "student_pruned.pt", uninterrupted)
+    assert not (ckpt / "prune_step3.state.pt").exists()
+    assert torch.load(ckpt / "prune_step1.state.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(ckpt / "prune_progress.pt", weights_only=True)["progress"]["step"] == 2
+    # --resume of a finished prune with nothing left to do ends with the same file.
+    res = CliRunner().invoke(cli, _prune_args(run_copy, "--resume"))
+    assert res.exit_code == 0, res.output
+    assert _same_weights(run_copy / "student_pruned.pt", uninterrupted)
+
+
+def test_run_prune_auto_resume_starts_over_when_the_options_changed(run_copy, uninterrupted):
+    # `edgekd run` passes resume="auto": an interrupted prune with other options is not an error there.
+    from edgekd.prune import run_prune
+
+    res = _interrupted(run_copy, run_copy / "checkpoints" / "prune_progress.pt", "--steps", "3")
+    assert res.exit_code == 130, res.output
+    run_prune(run_copy, ratio=0.5, steps=2, finetune_epochs=2, quiet=True, resume="auto")
+    assert _same_weights(run_copy / "student_pruned.pt", uninterrupted)

@@ -122,3 +122,51 @@ def test_run_bad_input_fails_before_any_work(tmp_path: Path, monkeypatch, args: 
     assert code == 2, text
     assert text.startswith("error: ") and message in text and text.count("\n") == 1
     assert not (tmp_path / "exported").exists()  # nothing trained, nothing written
+
+
+def test_run_continues_an_interrupted_prune(tiny_run: Path, tmp_path: Path):
+    """Ctrl-C during the prune stage of `edgekd run`; running it again continues the prune where it stopped."""
+    import _thread
+    import shutil
+    import threading
+    import time
+
+    import torch
+
+    out = tmp_path / "exported"
+    shutil.copytree(tiny_run, out / "tiny")
+    ckpt = out / "tiny" / "checkpoints"
+    recipe = write_recipe(tmp_path / "r.yaml", prune={"ratio": 0.5, "steps": 2, "finetune_epochs": 2})
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_run, reference)
+    res = CliRunner().invoke(cli, ["prune", "--run", str(reference), "--ratio", "0.5", "--steps", "2",
+                                   "--finetune-epochs", "2", "-q"])
+    assert res.exit_code == 0, res.output
+
+    stop = threading.Event()
+
+    def interrupt_after_step_1() -> None:
+        while not stop.is_set():
+            if (ckpt / "prune_progress.pt").exists():
+                _thread.interrupt_main()  # what Ctrl-C does
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=interrupt_after_step_1, daemon=True)
+    watcher.start()
+    try:
+        code, text = _run(str(recipe), "--out", str(out), "-q")
+    finally:
+        stop.set()
+        watcher.join()
+    assert code == 130, text
+    assert not (out / "tiny" / "student_pruned.pt").exists()
+    step1 = (ckpt / "prune_step1.state.pt").stat().st_mtime_ns
+
+    code, text = _run(str(recipe), "--out", str(out), "-q")
+    assert code == 0, text
+    assert "stages run: prune, report" in text
+    assert (ckpt / "prune_step1.state.pt").stat().st_mtime_ns == step1  # step 1 was not done again
+    a = torch.load(reference / "student_pruned.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "tiny" / "student_pruned.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

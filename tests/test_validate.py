@@ -179,15 +179,16 @@ def test_integer_file_in_the_run_runs_from_raw_inputs(exported: Path):
         assert (pred == ref).mean() > 0.9, f
 
 
-def test_changed_file_is_skipped_with_its_reason(run_copy: Path):
+def test_changed_file_fails_validate_with_its_name(run_copy: Path):
+    """A file changed since export is not measured: validate fails (exit 1) naming it; see test_bad_inputs.py."""
     with open(run_copy / "student_fp32.tflite", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02\x03")
     res = CliRunner().invoke(cli, ["validate", "--run", str(run_copy), "-q"])
-    assert res.exit_code == 0, res.output
-    out = json.loads((run_copy / "validate.json").read_text())
-    assert "student_fp32.tflite" not in {r["file"] for r in out["rows"]}
-    assert any(s["file"] == "student_fp32.tflite" and "sha256" in s["reason"] for s in out["skipped"])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip() == (f"error: {run_copy / 'student_fp32.tflite'} changed since it was written "
+                                  "(sha256 mismatch): re-run `edgekd export` to write it again, or restore the original")
+    assert not (run_copy / "validate.json").exists()
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, run_copy: Path):

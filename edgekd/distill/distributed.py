@@ -16,20 +16,29 @@ How a distributed run stays equivalent to a one-process run of the same recipe:
   cache is correct whatever shard a rank holds.
 * Validation runs on the full val split on every rank with identical weights, so every rank picks the same
   best epoch without communication; the logged train loss is all-reduced.
+* BatchNorm running statistics: DDP uses rank 0's buffers in every forward pass; at the end of each epoch they
+  are broadcast from rank 0 again (:func:`sync_buffers`), so validation, the best epoch and the kept weights
+  are the same on every rank.
 * Only rank 0 writes the run directory (the CLI gives other ranks a throw-away scratch directory).
+* ``--resume``: rank 0 sends the files of the run directory that distill reads (recipe, manifest, history,
+  finished ``<role>.pt`` and ``checkpoints/*.state.pt``) to the other ranks, which resume from the same
+  checkpoint in their scratch directory (no shared filesystem needed). The checkpoint holds model, optimizer,
+  scheduler, grad-scaler and RNG state; the shuffling order of an epoch depends only on the seed and the epoch
+  number, so the sampler needs no state of its own.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from edgekd.errors import DataError, RecipeError
+from edgekd.errors import DataError, RecipeError, RunDirError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _DEVICE: torch.device = torch.device("cpu")
@@ -175,8 +184,11 @@ def train_loader(data, batch_size: int, generator: torch.Generator) -> DataLoade
                       generator=generator)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Autocast(nn.Module):
-    """Runs ``model`` under ``torch.autocast`` (bf16) and returns float32 logits, so losses stay in float32.
+    """Runs ``model`` under ``torch.autocast`` (bf16 or fp16) and returns float32 logits, so losses stay float32.
 
     Only the training forward pass is wrapped: evaluation, checkpoints and exports see the plain model.
     """
@@ -193,21 +205,82 @@ class Autocast(nn.Module):
 
 
 def wrap(model: nn.Module | None, amp: str = "off") -> nn.Module | None:
-    """The module the training loop calls: ``model``, in bf16 autocast if asked, in DDP under a process group.
+    """The module the training loop calls: ``model``, in bf16/fp16 autocast if asked, in DDP under a process group.
 
     DDP averages the gradients over ranks; the wrappers share ``model``'s parameters, so the optimizer,
     checkpoints and best-weights copies keep using ``model`` itself.
     """
     if model is None:
         return model
-    if amp == "bf16":
-        model = Autocast(model)
+    if amp in AMP_DTYPES:
+        model = Autocast(model, AMP_DTYPES[amp])
     elif amp != "off":
-        raise RecipeError(f"amp {amp!r} is not supported", "use off or bf16")
+        raise RecipeError(f"amp {amp!r} is not supported", "use off, bf16 or fp16")
     if not is_distributed() or not any(p.requires_grad for p in model.parameters()):
         return model
     ids = [_DEVICE.index] if _DEVICE.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def grad_scaler(amp: str = "off"):
+    """A ``torch.amp.GradScaler`` for fp16 training (None otherwise).
+
+    fp16 gradients underflow to zero without loss scaling; bf16 has float32's exponent range and needs none.
+    PyTorch's scaler works on CUDA and, since torch 2.3, on CPU (CPU autocast supports float16 too).
+
+    Raises:
+        RecipeError: This device has no fp16 grad scaler.
+    """
+    if amp != "fp16":
+        return None
+    try:
+        return torch.amp.GradScaler(_DEVICE.type)
+    except (RuntimeError, ValueError, AssertionError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise RecipeError(f"amp fp16 is not supported on {_DEVICE.type} ({first})", "use amp bf16 or off") from None
+
+
+def sync_buffers(module: nn.Module | None) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics, which each rank updates on its shard)."""
+    if module is None or not is_distributed():
+        return
+    for b in module.buffers():
+        torch.distributed.broadcast(b.data, src=0)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main() else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sync_pruned(model: nn.Module) -> None:
+    """After a pruning step: check every rank removed as many channels per layer, then take rank 0's weights.
+
+    Every rank computes the pruning step itself from identical weights (deterministic: the importance is a
+    function of the weights, and Taylor gradients come from the same unshuffled batches), so the channels
+    agree; broadcasting rank 0's parameters and buffers afterwards makes that exact even if float kernels
+    differed between hosts, and the width check turns any real disagreement into an error instead of a hang.
+
+    Raises:
+        TrainingError: The ranks pruned to different layer widths.
+    """
+    if not is_distributed():
+        return
+    from edgekd.errors import TrainingError
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    everyone: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(everyone, shapes)
+    if any(other != everyone[0] for other in everyone):
+        bad = next(r for r, other in enumerate(everyone) if other != everyone[0])
+        raise TrainingError(f"pruning chose different layer widths on rank 0 and rank {bad}",
+                            "run the prune stage with a single process")
+    for t in [*model.parameters(), *model.buffers()]:
+        torch.distributed.broadcast(t.data, src=0)
 
 
 def sync_grads(module: nn.Module | None) -> None:
@@ -241,12 +314,54 @@ def record(rd, info: dict[str, Any]) -> None:
     rd._write_manifest(manifest)
 
 
+# What distill reads from a run directory it resumes (exports, reports and bundles are not needed).
+_RESUME_SUFFIXES = (".yaml", ".json", ".csv", ".txt", ".pt")
+
+
+def share_run_dir(path: Path) -> Path | None:
+    """``--resume`` under torchrun: copy rank 0's run directory ``path`` into every other rank's scratch space.
+
+    The files travel through the process group (``broadcast_object_list``), so the ranks need no shared
+    filesystem. Every rank must call this before rank 0 changes the directory.
+
+    Returns:
+        On other ranks, the scratch directory holding a copy named like ``path`` (pass its parent as ``out``);
+        on rank 0, None.
+
+    Raises:
+        RunDirError: ``path`` holds no run (raised on every rank, so none waits forever).
+    """
+    import tempfile
+
+    payload = None
+    if is_main():
+        if (path / "manifest.json").is_file():
+            files = [p for p in path.iterdir() if p.is_file() and p.suffix in _RESUME_SUFFIXES]
+            ckpt = path / "checkpoints"
+            if ckpt.is_dir():
+                files += [p for p in ckpt.iterdir() if p.is_file() and p.suffix == ".pt"]
+            payload = {str(p.relative_to(path)): p.read_bytes() for p in files}
+    payload = broadcast_object(payload)
+    if payload is None:
+        raise RunDirError(f"nothing to resume: {path} holds no run", "drop --resume to start a new run")
+    if is_main():
+        return None
+    scratch = Path(tempfile.mkdtemp(prefix=f"edgekd-rank{rank()}-"))
+    for rel, data in payload.items():
+        target = scratch / path.name / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return scratch
+
+
 def run_distill_everywhere(recipe, out, device_name: str = "auto", resume: bool = False, quiet: bool = False,
                            allow_pickle: bool = False):
     """``edgekd distill`` on this process: alone, or as one rank of a torchrun job.
 
     Rank 0 writes the run directory in ``out`` and records the world size; other ranks train in step with it
-    (DDP needs them) but write into a scratch directory removed at the end.
+    (DDP needs them) but write into a scratch directory removed at the end. With ``resume`` that scratch
+    directory starts as a copy of rank 0's run (:func:`share_run_dir`), so every rank continues from the same
+    checkpoint.
 
     Returns:
         The run directory on rank 0, None on other ranks.
@@ -256,8 +371,6 @@ def run_distill_everywhere(recipe, out, device_name: str = "auto", resume: bool 
 
     from edgekd.distill.pipeline import run_distill
 
-    if env_world_size() > 1 and resume:
-        raise RecipeError("--resume is not supported under torchrun yet", "resume with a single process")
     n = env_world_size()
     if n > 1 and recipe.data.batch_size % n:  # checked before anything is written (fit checks it again)
         raise DataError(f"data.batch_size {recipe.data.batch_size} cannot be split over {n} processes",
@@ -265,13 +378,14 @@ def run_distill_everywhere(recipe, out, device_name: str = "auto", resume: bool 
     info = setup(device_name)
     ok = False
     try:
+        copy = share_run_dir(Path(out) / recipe.name) if resume and is_distributed() else None
         if is_main():
             rd = run_distill(recipe, out=out, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
             record(rd, {k: info[k] for k in ("world_size", "backend", "device")})
         else:
-            scratch = tempfile.mkdtemp(prefix=f"edgekd-rank{rank()}-")
+            scratch = copy if copy is not None else tempfile.mkdtemp(prefix=f"edgekd-rank{rank()}-")
             try:
-                run_distill(recipe, out=scratch, resume=False, quiet=True, allow_pickle=allow_pickle)
+                run_distill(recipe, out=scratch, resume=resume, quiet=True, allow_pickle=allow_pickle)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             rd = None

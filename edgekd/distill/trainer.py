@@ -1,8 +1,9 @@
 """One training loop for the teacher, the scratch baseline and the distilled student.
 
 Each epoch ends with an atomic checkpoint of everything needed to continue exactly (model, optimizer,
-scheduler, RNG state, history, best weights); the shuffling order of epoch ``e`` depends only on the seed
-and ``e``, so a run resumed after epoch ``e`` continues as if it had never stopped.
+scheduler, fp16 grad scaler, CPU/CUDA RNG state, history, best weights); the shuffling order of epoch ``e``
+depends only on the seed and ``e``, so a run resumed after epoch ``e`` continues as if it had never stopped
+(under torchrun too: every rank resumes from rank 0's checkpoint).
 """
 
 from __future__ import annotations
@@ -135,14 +136,21 @@ class _Member:
         self.best_val, self.best_epoch = float(state["best_val"]), int(state["best_epoch"])
         self.best_state = state["best_model"]
 
-    def step(self, loss: torch.Tensor, cfg: TrainConfig) -> None:
+    def step(self, loss: torch.Tensor, cfg: TrainConfig, scaler=None) -> None:
         distributed.sync_grads(self.extra)  # loss projections live outside DDP
+        if scaler is not None:
+            scaler.unscale_(self.opt)  # clip the true gradients, not the loss-scaled ones
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.params(), cfg.grad_clip)
-        self.opt.step()
+        if scaler is not None:
+            scaler.step(self.opt)  # skipped when fp16 gradients overflowed; update() then lowers the scale
+            scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
 
     def end_epoch(self, data: DataBundle, epoch: int, seconds: float) -> dict[str, Any]:
+        distributed.sync_buffers(self.model)  # BatchNorm statistics of rank 0 everywhere: same val, same best
         val_acc = evaluate(self.model, data, "val")["test_accuracy"]
         row = {"model": self.role, "epoch": epoch + 1, "train_loss": distributed.global_mean(self.total, self.count),
                "val_accuracy": val_acc, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
@@ -217,8 +225,11 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
     total_steps = cfg.epochs * steps_per_epoch
     main = _Member(role, model, cfg, total_steps, loss_fn if has_params else None)
     peer = _Member(teacher_role, teacher, cfg, total_steps) if train_teacher and teacher is not None else None
+    amp = getattr(cfg, "amp", "off")
+    scaler = distributed.grad_scaler(amp)  # fp16 only: loss scaling of the student's (main) loss
     start_epoch = 0
     elapsed = 0.0
+    rng = None
 
     if resume and state_path.exists():
         state = _load_state(state_path)
@@ -230,7 +241,9 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
                 raise CheckpointError(f"resume checkpoint {state_path} has no co-trained teacher",
                                       "it was written by another strategy; delete it to restart the student")
             peer.load(state["peer"])
-        torch.set_rng_state(state["rng"])
+        rng = state  # restored just before the first epoch: see below
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"])
         elapsed = float(state["elapsed"])
 
@@ -241,13 +254,19 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
         for p in teacher.parameters():
             p.requires_grad_(trainable)
     # Wrapped after resuming: DDP broadcasts rank 0's weights, so every rank starts from the same state.
-    ddp_model = distributed.wrap(model, getattr(cfg, "amp", "off"))
+    ddp_model = distributed.wrap(model, amp)
     ddp_peer = distributed.wrap(teacher) if peer is not None else teacher
     cached = None
     if (teacher is not None and peer is None and not use_features and cache_teacher and data.augment == "none"
             and start_epoch < cfg.epochs):
         cached, _ = predict_logits(teacher, data.loader("train", 512))
     pairs = loss_fn.feature_layers() if use_features else []
+    if rng is not None:
+        # After the teacher cache: iterating a DataLoader draws its base seed from the global RNG, which an
+        # uninterrupted run did before epoch 1; restoring here makes dropout see the same random stream.
+        torch.set_rng_state(rng["rng"])
+        if "cuda_rng" in rng and dev.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda_rng"], dev)
 
     gen = torch.Generator()
     for epoch in range(start_epoch, cfg.epochs):
@@ -260,7 +279,8 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
             teacher.train()
         if hasattr(loss_fn, "on_epoch_start"):
             loss_fn.on_epoch_start(epoch)
-        bar = tqdm(loader, desc=f"{role:>8} {epoch + 1}/{cfg.epochs}", leave=False, disable=quiet,
+        # disable=None: no bar when the output is not a terminal (CI logs keep one line per epoch, below).
+        bar = tqdm(loader, desc=f"{role:>8} {epoch + 1}/{cfg.epochs}", leave=False, disable=True if quiet else None,
                    unit="batch", dynamic_ncols=True, mininterval=0.5)
         # Hooks exist only for the training batches: evaluation and saving below see the plain models.
         with contextlib.ExitStack() as taps:
@@ -296,13 +316,14 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
                 main.opt.zero_grad(set_to_none=True)
                 if peer is not None:
                     peer.opt.zero_grad(set_to_none=True)
-                    (loss + peer_loss).backward()  # the two graphs share nothing (targets are detached)
+                    # The two graphs share nothing (targets are detached); only the student's loss is scaled.
+                    ((scaler.scale(loss) if scaler is not None else loss) + peer_loss).backward()
                     peer.step(peer_loss, cfg)
                     peer.total += peer_loss.item() * len(y)
                     peer.count += len(y)
                 else:
-                    loss.backward()
-                main.step(loss, cfg)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                main.step(loss, cfg, scaler)
                 main.total += loss.item() * len(y)
                 main.count += len(y)
                 bar.set_postfix(loss=f"{main.total / main.count:.4f}")
@@ -314,6 +335,10 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
                  "loss_state": loss_fn.state_dict()}
         if peer is not None:
             state["peer"] = peer.state()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        if dev.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(dev)
         _save_state(state_path, state)
         if not quiet:
             tqdm.write(f"{role:>8} epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "

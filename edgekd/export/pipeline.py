@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd.errors import CheckFailed, EdgeKDError, ExportError, RecipeError, RunDirError
+from edgekd.errors import ArtifactChanged, CheckFailed, EdgeKDError, ExportError, RecipeError, RunDirError
 from edgekd.export import metadata as meta_mod
 from edgekd.export import parity
 from edgekd.recipe import ExportConfig, Recipe
@@ -337,9 +337,9 @@ class _Exporter:
         elif precision == "fp16":
             routes = ["ai-edge-quantizer"]
         else:
-            from edgekd.export.tflite import TFLITE_ROUTES
+            from edgekd.export.tflite import TFLITE_DYNAMIC_ROUTES, TFLITE_ROUTES
 
-            routes = list(TFLITE_ROUTES)
+            routes = list(TFLITE_DYNAMIC_ROUTES if precision == "dynamic" else TFLITE_ROUTES)
         attempts: list[str] = []
         best: tuple[tuple, bytes, dict[str, Any], dict[str, Any] | None, str | None] | None = None
         for route in routes:
@@ -502,6 +502,11 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     recipe = _load_recipe(rd)
     cfg = _merge_cfg(rd, recipe, cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
                      calibration_method=calibration_method, teacher=teacher)
+    # The checkpoints and the test split that verifies the files are checked against the manifest before they
+    # are loaded: a truncated student.pt is reported as changed (exit 1), not as a corrupt file; missing ones
+    # are reported below.
+    pruned = [a for a in rd.manifest().get("artifacts", {}) if a.startswith("student_pruned")]
+    rd.check_artifacts(["student.pt", "teacher.pt", *pruned, "eval.npz", "data.json"], missing_ok=True)
     student = student_target(rd)
     targets = [student]
     if cfg.teacher:
@@ -589,8 +594,8 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
         if not path.is_file():
             raise RunDirError(f"{e['file']} is listed in metadata.json but missing", "run `edgekd export` again")
         if sha256_file(path) != e.get("sha256"):
-            raise RunDirError(f"{e['file']} changed since it was exported (sha256 mismatch: truncated or edited)",
-                              "run `edgekd export` again")
+            raise ArtifactChanged(f"{e['file']} changed since it was exported (sha256 mismatch: truncated or edited)",
+                                  "run `edgekd export` again", files=[e["file"]])
     _check_writable(rd)
     session = _Session(rd, cfg, verify, log)
     targets: dict[str, Target] = {}
