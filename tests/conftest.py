@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -47,3 +48,31 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     recipe = load_recipe(write_recipe(root / "tiny.yaml"))
     return run_distill(recipe, out=root / "exported", quiet=True).path
+
+
+@contextlib.contextmanager
+def ctrl_c_after(role: str, epoch: int):
+    """Press Ctrl-C (raise KeyboardInterrupt) right after ``epoch`` (1-based) of the model trained as ``role``.
+
+    Deterministic stand-in for a user's Ctrl-C: it wraps the real trainer (nothing is mocked) and raises where a
+    SIGINT between epochs would, after that epoch's checkpoint was written. A thread calling
+    ``_thread.interrupt_main()`` when a file appears races the training on a fast or a loaded machine.
+    """
+    from edgekd.distill import trainer
+
+    real_fit = trainer.fit
+
+    def fit(fit_role, *args, on_epoch=None, **kwargs):
+        def hook(row):
+            if on_epoch is not None:
+                on_epoch(row)
+            if fit_role == role and row.get("model") == role and row.get("epoch") == epoch:
+                raise KeyboardInterrupt
+
+        return real_fit(fit_role, *args, on_epoch=hook, **kwargs)
+
+    trainer.fit = fit
+    try:
+        yield
+    finally:
+        trainer.fit = real_fit

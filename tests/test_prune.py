@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import _thread
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import ctrl_c_after
 
 from edgekd.cli import cli
 from edgekd.errors import CheckpointError, RecipeError, RunDirError
@@ -287,24 +285,10 @@ def _prune_args(run: Path, *extra: str) -> list[str]:
     return ["prune", "--run", str(run), "--ratio", "0.5", "--steps", "2", "--finetune-epochs", "2", "-q", *extra]
 
 
-def _interrupted(run: Path, when: Path, *extra: str):
-    """`edgekd prune` on ``run``, interrupted as by Ctrl-C (SIGINT's KeyboardInterrupt) once ``when`` exists."""
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            if when.exists():
-                _thread.interrupt_main()
-                return
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+def _interrupted(run: Path, *extra: str):
+    """`edgekd prune` on ``run``, stopped as by Ctrl-C after the first fine-tuning epoch of step 2."""
+    with ctrl_c_after("prune2", 1):
         return CliRunner().invoke(cli, _prune_args(run, *extra))
-    finally:
-        stop.set()
-        watcher.join()
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -333,7 +317,7 @@ def uninterrupted(tiny_run, tmp_path_factory) -> Path:
 
 def test_cli_prune_ctrl_c_then_resume_gives_identical_weights(run_copy, uninterrupted):
     ckpt = run_copy / "checkpoints"
-    res = _interrupted(run_copy, ckpt / "prune_progress.pt")  # Ctrl-C after step 1, during step 2
+    res = _interrupted(run_copy)  # Ctrl-C after step 1, during step 2
     assert res.exit_code == 130, res.output
     assert "interrupted" in res.output and "--resume" in res.output
     assert not (run_copy / "student_pruned.pt").exists()  # only a finished prune writes it
@@ -362,7 +346,7 @@ def test_cli_prune_ctrl_c_then_resume_gives_identical_weights(run_copy, uninterr
 def test_cli_prune_without_resume_starts_clean(run_copy, uninterrupted):
     ckpt = run_copy / "checkpoints"
     # An interrupted prune with other options leaves its step and epoch files behind...
-    res = _interrupted(run_copy, ckpt / "prune_progress.pt", "--steps", "3", "--finetune-epochs", "3")
+    res = _interrupted(run_copy, "--steps", "3", "--finetune-epochs", "3")
     assert res.exit_code == 130, res.output
     assert (ckpt / "prune_step1.state.pt").is_file() and (ckpt / "prune_progress.pt").is_file()
     # ...which a prune started without --resume removes before it saves its own.
@@ -382,7 +366,7 @@ def test_run_prune_auto_resume_starts_over_when_the_options_changed(run_copy, un
     # `edgekd run` passes resume="auto": an interrupted prune with other options is not an error there.
     from edgekd.prune import run_prune
 
-    res = _interrupted(run_copy, run_copy / "checkpoints" / "prune_progress.pt", "--steps", "3")
+    res = _interrupted(run_copy, "--steps", "3")
     assert res.exit_code == 130, res.output
     run_prune(run_copy, ratio=0.5, steps=2, finetune_epochs=2, quiet=True, resume="auto")
     assert _same_weights(run_copy / "student_pruned.pt", uninterrupted)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_RECIPE, write_recipe
+from conftest import TINY_RECIPE, ctrl_c_after, write_recipe
 
 from edgekd.cli import cli
 from edgekd.run_dir import RunDir
@@ -126,10 +126,7 @@ def test_run_bad_input_fails_before_any_work(tmp_path: Path, monkeypatch, args: 
 
 def test_run_continues_an_interrupted_prune(tiny_run: Path, tmp_path: Path):
     """Ctrl-C during the prune stage of `edgekd run`; running it again continues the prune where it stopped."""
-    import _thread
     import shutil
-    import threading
-    import time
 
     import torch
 
@@ -143,22 +140,8 @@ def test_run_continues_an_interrupted_prune(tiny_run: Path, tmp_path: Path):
                                    "--finetune-epochs", "2", "-q"])
     assert res.exit_code == 0, res.output
 
-    stop = threading.Event()
-
-    def interrupt_after_step_1() -> None:
-        while not stop.is_set():
-            if (ckpt / "prune_progress.pt").exists():
-                _thread.interrupt_main()  # what Ctrl-C does
-                return
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=interrupt_after_step_1, daemon=True)
-    watcher.start()
-    try:
+    with ctrl_c_after("prune2", 1):  # Ctrl-C during step 2, after step 1 finished
         code, text = _run(str(recipe), "--out", str(out), "-q")
-    finally:
-        stop.set()
-        watcher.join()
     assert code == 130, text
     assert not (out / "tiny" / "student_pruned.pt").exists()
     step1 = (ckpt / "prune_step1.state.pt").stat().st_mtime_ns
