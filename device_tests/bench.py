@@ -460,10 +460,10 @@ def bench_model(entry: dict, meta: dict, run_dir: Path, runtimes: dict, x, y, ar
         "n_eval": int(len(y)),
     }
     if fmt == "tflite" and entry.get("precision") in INTEGER_PRECISIONS and builtin_resolver(handle) is not None:
-        # The default XNNPACK kernels requantize int8 results with CPU-specific rounding (fp32 on x86, a
-        # fixed-point scheme on ARM), so the same file can give a different prediction on an odd sample.
-        # TFLite's built-in kernels follow its integer spec on every CPU: this accuracy is comparable across
-        # machines, the default one is what an app using the runtime's defaults gets here.
+        # The default XNNPACK kernels and TFLite's built-in kernels round int8 requantization differently, so
+        # a borderline sample can get another prediction. The built-in kernels are fixed-point code that does
+        # not depend on the CPU: within one TFLite release this accuracy is the same on every machine; the
+        # default one is what an app using the runtime's defaults gets.
         try:
             ref = runner.predict_all(xs, builtin_kernels=True)
         except Skip:
@@ -593,7 +593,7 @@ def print_table(report: dict) -> None:
         print(f"{r.get('file', r['model']):<30} {r['runtime']:<15} {r['threads']:>3} {r['accuracy']:>9.4f} "
               f"{builtin:>9} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mean_ms']:>9.3f}")
     if any("accuracy_builtin" in r for r in report["results"]):
-        print("builtin: accuracy with TFLite's built-in integer kernels (no XNNPACK), the same on every CPU")
+        print("builtin: accuracy with TFLite's built-in kernels (no XNNPACK delegate)")
     for s in report["skipped"]:
         print(f"skipped {s.get('file') or s['model']}: {s['reason']}")
 
