@@ -40,12 +40,11 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 3, epochs: 
     from edgekd import losses
     from edgekd.data import load_data
     from edgekd.distill.trainer import fit, predict_logits
-    from edgekd.models import build_model, load_checkpoint
+    from edgekd.models import build_model, load_weights
 
     data = load_data(recipe.data, recipe.seed)
-    ckpt = load_checkpoint(teacher_ckpt)
     teacher = build_model(recipe.teacher.model, data.input_shape, data.num_classes, recipe.teacher.kwargs)
-    teacher.load_state_dict(ckpt["state_dict"])
+    load_weights(teacher, teacher_ckpt)
     teacher.eval()
     cfg = recipe.distill.model_copy(update={"epochs": epochs})
     kd_loss = losses.build_from_config(recipe.distill.loss)

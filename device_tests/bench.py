@@ -324,10 +324,11 @@ class TFLiteRunner:
             raise Skip(f"metadata says output dtype {want_out}, the model produces {np.dtype(out['dtype'])}")
         self.out_index = out["index"]
 
-    def run1(self, x1):
-        self.it.set_tensor(self.in_index, x1)
-        self.it.invoke()
-        return self.it.get_tensor(self.out_index)
+    def run1(self, x1, it=None):
+        it = it or self.it
+        it.set_tensor(self.in_index, x1)
+        it.invoke()
+        return it.get_tensor(self.out_index)
 
     def check_input(self, xs):
         """Raise :class:`Skip` when the preprocessed eval inputs cannot feed this model."""
@@ -342,12 +343,7 @@ class TFLiteRunner:
             # A fixed batch of 1 cannot be resized safely: reshapes baked into the graph would silently
             # mix samples, so run one sample at a time.
             it = self._new(True) if builtin_kernels else self.it
-            preds = []
-            for i in range(len(xs)):
-                it.set_tensor(self.in_index, xs[i:i + 1])
-                it.invoke()
-                preds.append(postprocess(it.get_tensor(self.out_index), self.entry, np))
-            return np.concatenate(preds)
+            return np.concatenate([postprocess(self.run1(xs[i:i + 1], it), self.entry, np) for i in range(len(xs))])
         preds = []
         it = self._new(builtin_kernels)
         for start in range(0, len(xs), EVAL_CHUNK):

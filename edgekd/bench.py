@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgekd.errors import EdgeKDError, RunDirError
-from edgekd.run_dir import RunDir, read_json, write_json_atomic
+from edgekd.run_dir import RunDir, read_rows_report, write_json_atomic
 
 STAGE = "bench"
 REPORT_JSON = "report.json"
@@ -372,13 +372,7 @@ def _rounded(res: dict[str, Any]) -> dict[str, Any]:
 
 def read_report(rd: RunDir) -> dict[str, Any]:
     """``report.json`` of a run, or ``{}`` when bench has not run."""
-    path = rd / REPORT_JSON
-    if not path.exists():
-        return {}
-    data = read_json(path, dict)
-    if not isinstance(data.get("rows", []), list):
-        raise RunDirError(f"{path}: 'rows' is not a list: it was damaged or edited by hand", "run `edgekd bench` again")
-    return data
+    return read_rows_report(rd / REPORT_JSON, "edgekd bench")
 
 
 def bench_summary(report: dict[str, Any]) -> str:

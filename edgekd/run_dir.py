@@ -103,6 +103,21 @@ def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
     return data
 
 
+def read_rows_report(path: Path, command: str) -> dict[str, Any]:
+    """A stage's JSON report holding a ``rows`` list (``report.json``, ``validate.json``), or ``{}`` if absent.
+
+    Args:
+        path: The report file.
+        command: The command that writes it, named in the error (``edgekd bench``).
+    """
+    if not path.exists():
+        return {}
+    data = read_json(path, dict)
+    if not isinstance(data.get("rows", []), list):
+        raise RunDirError(f"{path}: 'rows' is not a list: it was damaged or edited by hand", f"run `{command}` again")
+    return data
+
+
 class RunDir:
     """One run directory and its bookkeeping files.
 

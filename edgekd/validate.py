@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgekd.errors import CheckFailed, EdgeKDError, RunDirError
-from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
+from edgekd.run_dir import RunDir, read_json, read_rows_report, sha256_file, write_json_atomic
 
 STAGE = "validate"
 VALIDATE_JSON = "validate.json"
@@ -280,14 +280,7 @@ def _fmt(v: float | None) -> str:
 
 def read_validation(rd: RunDir) -> dict[str, Any]:
     """``validate.json`` of a run, or ``{}`` before validate ran."""
-    path = rd / VALIDATE_JSON
-    if not path.exists():
-        return {}
-    data = read_json(path, dict)
-    if not isinstance(data.get("rows", []), list):
-        raise RunDirError(f"{path}: 'rows' is not a list: it was damaged or edited by hand",
-                          "run `edgekd validate` again")
-    return data
+    return read_rows_report(rd / VALIDATE_JSON, "edgekd validate")
 
 
 def validate_summary(result: dict[str, Any]) -> str:
