@@ -39,6 +39,11 @@ class DataConfig(_Section):
     text_column: str = Field("text", description="text: the column (CSV) or key (JSONL) holding the text")
     tokenizer: str = Field("bytes", description="text: `bytes` (built-in byte tokenizer) or a local tokenizer folder")
     max_length: int = Field(64, ge=3, description="text: token ids per sample (padded or cut)")
+    workers: Optional[int] = Field(None, ge=0, description="loader processes (default: 0 on CPU, one per spare "
+                                                           "core up to 8 on a GPU)")
+    cache: bool = Field(True, description="folder: decode and resize images once into a uint8 cache file")
+    cache_dir: Optional[str] = Field(None, description="folder: where the image cache lives (default: "
+                                                       "$EDGEKD_CACHE_DIR or ~/.cache/edgekd/images)")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -59,6 +64,9 @@ class TrainConfig(_Section):
     grad_clip: Optional[float] = Field(None, gt=0)
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="bf16/fp16 autocast of the trained model's "
                                                                   "forward pass (GPU; also works on CPU)")
+    channels_last: bool = Field(False, description="train conv nets in channels_last memory format (faster on "
+                                                   "GPUs with tensor cores; measured slower on this CPU)")
+    compile: bool = Field(False, description="torch.compile the trained model's training forward pass")
 
 
 class TeacherConfig(TrainConfig):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Sampler
+
+from edgekd.data.loader import DeviceLoader, default_workers, make_loader
 
 from edgekd.errors import DataError
 from edgekd.recipe import DataConfig
@@ -45,6 +47,14 @@ class IndexedDataset(Dataset):
     def raw(self, i: int) -> np.ndarray:
         return self.read(int(self.indices[i]))
 
+    def take_raw(self, positions: np.ndarray) -> np.ndarray:
+        """The stored inputs of a batch of split positions in one call (uint8 for cached images)."""
+        rows = self.indices[positions]
+        take = getattr(self.read, "take", None)
+        if take is not None:
+            return take(rows)
+        return np.stack([self.read(int(i)) for i in rows]).astype(np.float32, copy=False)
+
     def __getitem__(self, i: int):
         x = (self.raw(i) - self.mean) / self.std
         return torch.from_numpy(x.astype(np.float32)), int(self.labels[self.indices[i]]), i
@@ -70,16 +80,30 @@ class DataBundle:
     source: str
     augment: str = "none"
     batch_size: int = 64
+    workers: int | None = None  # loader processes; None: edgekd.data.loader.default_workers
+    _loaders: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def loader(self, split: str, batch_size: int, shuffle: bool = False,
-               generator: torch.Generator | None = None) -> DataLoader:
-        dataset = getattr(self, split)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=0, drop_last=False)
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu", sampler: Sampler[int] | None = None) -> DeviceLoader:
+        """Normalized ``(x, y, positions)`` batches of one split on ``device`` (see :mod:`edgekd.data.loader`).
+
+        With worker processes the loader is kept and reused (same split, batch, generator object and device), so
+        its persistent workers survive from one epoch to the next; the generator is reseeded by the caller.
+        """
+        device = torch.device(device)
+        workers = default_workers(device) if self.workers is None else self.workers
+        key = (split, batch_size, shuffle, id(generator), str(device))
+        if workers > 0 and sampler is None and key in self._loaders:
+            return self._loaders[key]
+        made = make_loader(getattr(self, split), batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
+                           device=device, workers=workers)
+        if workers > 0 and sampler is None:
+            self._loaders[key] = made
+        return made
 
     def describe(self) -> dict:
         """Plain-data description saved as ``data.json`` in the run directory."""
@@ -113,8 +137,21 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
 
 # -- readers: each returns (read(i) -> raw float32 sample, labels int64, label names, source text) ------
 
-def _in_memory(x: np.ndarray) -> Callable[[int], np.ndarray]:
-    return lambda i: x[i]
+class ArrayStore:
+    """Samples held in one array: ``store(i)`` is one sample, ``store.take(rows)`` a batch in one indexing call."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __call__(self, i: int) -> np.ndarray:
+        return self.array[i]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.array[rows]
+
+
+def _in_memory(x: np.ndarray) -> ArrayStore:
+    return ArrayStore(x)
 
 
 def _read_mnist(cfg: DataConfig):
@@ -316,4 +353,4 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         raise DataError(f"{source}: inputs contain NaN or infinity")
     return DataBundle(*splits, labels=names, input_shape=shape, layout=layout,
                       mean=[float(v) for v in mean], std=[float(v) for v in std], source=source,
-                      augment=cfg.augment, batch_size=cfg.batch_size)
+                      augment=cfg.augment, batch_size=cfg.batch_size, workers=cfg.workers)

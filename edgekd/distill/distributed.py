@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from edgekd.errors import DataError, RecipeError, RunDirError
 
@@ -173,15 +173,15 @@ class ShardSampler(Sampler[int]):
         return self.per_rank
 
 
-def train_loader(data, batch_size: int, generator: torch.Generator) -> DataLoader:
-    """The shuffled train loader: the plain one in one process, this rank's shard under torchrun."""
+def train_loader(data, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"):
+    """The shuffled train loader (normalized batches on ``device``): the plain one in one process, this rank's
+    shard under torchrun."""
     if not is_distributed():
-        return data.loader("train", batch_size, shuffle=True, generator=generator)
+        return data.loader("train", batch_size, shuffle=True, generator=generator, device=device)
     sampler = ShardSampler(len(data.train), generator, rank(), world_size())
     # The generator is passed too: the loader draws its base seed from it first, exactly as the shuffling
     # one-process loader does, so the permutation below is the same draw on both.
-    return DataLoader(data.train, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=False,
-                      generator=generator)
+    return data.loader("train", batch_size, generator=generator, sampler=sampler, device=device)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

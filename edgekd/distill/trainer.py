@@ -55,7 +55,7 @@ def predict_logits(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor
     outs, ys = [], []
     for x, y, _ in loader:
         outs.append(model(x.to(_model_device(model))).cpu())
-        ys.append(torch.as_tensor(y))
+        ys.append(torch.as_tensor(y).cpu())
     model.train(was_training)
     return torch.cat(outs), torch.cat(ys)
 
@@ -72,7 +72,7 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: in
 
 def evaluate(model: nn.Module, data: DataBundle, split: str = "test", batch_size: int = 256) -> dict[str, float]:
     """Classification metrics of ``model`` on one split."""
-    logits, labels = predict_logits(model, data.loader(split, batch_size))
+    logits, labels = predict_logits(model, data.loader(split, batch_size, device=_model_device(model)))
     return classification_metrics(logits.argmax(1).numpy(), labels.numpy(), data.num_classes)
 
 
@@ -259,7 +259,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
     cached = None
     if (teacher is not None and peer is None and not use_features and cache_teacher and data.augment == "none"
             and start_epoch < cfg.epochs):
-        cached, _ = predict_logits(teacher, data.loader("train", 512))
+        cached, _ = predict_logits(teacher, data.loader("train", 512, device=dev))
     pairs = loss_fn.feature_layers() if use_features else []
     if rng is not None:
         # After the teacher cache: iterating a DataLoader draws its base seed from the global RNG, which an
@@ -272,7 +272,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         gen.manual_seed(seed * 100_003 + epoch)
-        loader = distributed.train_loader(data, batch_size, gen)
+        loader = distributed.train_loader(data, batch_size, gen, dev)
         model.train()
         loss_fn.train()
         if peer is not None:
