@@ -12,6 +12,30 @@ import yaml
 # Tests run on 2 cores next to other work; keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_image_cache(tmp_path_factory):
+    """Image-folder caches of the tests go to a session folder, not the user's ~/.cache."""
+    old = os.environ.get("EDGEKD_CACHE_DIR")
+    os.environ["EDGEKD_CACHE_DIR"] = str(tmp_path_factory.mktemp("image_cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEKD_CACHE_DIR", None)
+    else:
+        os.environ["EDGEKD_CACHE_DIR"] = old
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 TINY_RECIPE = {
     "name": "tiny",
     "seed": 0,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from edgekd.data.image_cache import cached_images, decode_image
 from edgekd.data.loader import DeviceLoader, default_workers, make_loader
 
 from edgekd.errors import DataError
@@ -252,7 +253,8 @@ def _read_folder(cfg: DataConfig):
     root = _need_path(cfg)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
-        raise DataError(f"image folder {root} needs one sub-folder per class (found {len(classes)})")
+        raise DataError(f"image folder {root} needs one sub-folder per class, at least two (found {len(classes)})",
+                        "put the images of each class in their own sub-folder")
     files, labels = [], []
     for c, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
@@ -265,22 +267,21 @@ def _read_folder(cfg: DataConfig):
     if cfg.image_size:
         size = (cfg.image_size[1], cfg.image_size[0])
     else:
-        with Image.open(files[0]) as im:
-            size = im.size
+        try:
+            with Image.open(files[0]) as im:
+                size = im.size
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read image {files[0]}: {e}", "replace or delete that file") from e
+    labels = np.asarray(labels, dtype=np.int64)
+    if cfg.cache:
+        store = cached_images(root, files, mode, size, cfg.cache_dir)
+        return store, len(files), labels, classes, f"folder {root}"
 
     def read(i: int) -> np.ndarray:
         # Streamed: one image is decoded at a time, so memory does not grow with the folder.
-        try:
-            with Image.open(files[i]) as im:
-                im = im.convert(mode)
-                if im.size != size:
-                    im = im.resize(size, Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as e:
-            raise DataError(f"cannot read image {files[i]}: {e}") from None
-        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        return decode_image(files[i], mode, size).astype(np.float32) / 255.0
 
-    return read, len(files), np.asarray(labels, dtype=np.int64), classes, f"folder {root}"
+    return read, len(files), labels, classes, f"folder {root}"
 
 
 def _read_text(cfg: DataConfig):
@@ -326,6 +327,11 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(READERS)}"
         raise DataError(f"unknown dataset {cfg.dataset!r}", hint)
     read, n, y, names, source = reader(cfg)
+    present = np.unique(y)
+    if len(present) < 2:
+        only = names[int(present[0])] if len(present) else "none"
+        raise DataError(f"{source} has samples of {len(present)} class (only {only!r}); a classifier needs at least two",
+                        "add samples of at least one more class")
     if n < 10:
         raise DataError(f"{source} has only {n} samples; at least 10 are needed to split train/val/test")
     all_idx = np.arange(n)
