@@ -70,7 +70,8 @@ class TrainConfig(_Section):
 
 
 class TeacherConfig(TrainConfig):
-    model: str = Field("cnn", description="zoo name, `package.module:factory` or `path/file.py:factory`")
+    model: str = Field("cnn", description="zoo name, `timm:<name>`, `torchvision:<name>`, `package.module:factory` "
+                                          "or `path/file.py:factory`")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="trained weights (state dict .pt/.pth or .safetensors)")
 

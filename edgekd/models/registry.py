@@ -70,10 +70,15 @@ def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kw
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build a model from a recipe spec: a registered name or a user factory path."""
+    """Build a model from a recipe spec: a registered name, ``timm:<name>`` / ``torchvision:<name>``
+    (:mod:`edgekd.models.sources`) or a user factory path."""
     kwargs = dict(kwargs or {})
     if ":" not in spec:
         return create_model(spec, input_shape, num_classes, **kwargs)
+    from edgekd.models.sources import build_from_source, is_source_spec
+
+    if is_source_spec(spec):  # timm:<name>, torchvision:<name>
+        return build_from_source(spec, input_shape, num_classes, kwargs)
     return _call(_import_factory(spec), spec, input_shape, num_classes, kwargs)
 
 
