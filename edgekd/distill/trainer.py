@@ -21,6 +21,7 @@ from torch import nn
 
 from edgekd.data import DataBundle
 from edgekd.distill import distributed
+from edgekd.models import accel
 from edgekd.errors import CheckpointError, TrainingError
 from edgekd.recipe import TrainConfig
 from edgekd.run_dir import atomic_path
@@ -254,7 +255,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
         for p in teacher.parameters():
             p.requires_grad_(trainable)
     # Wrapped after resuming: DDP broadcasts rank 0's weights, so every rank starts from the same state.
-    ddp_model = distributed.wrap(model, amp)
+    ddp_model = accel.prepare(model, distributed.wrap(model, amp), cfg, teacher)  # channels_last, compile
     ddp_peer = distributed.wrap(teacher) if peer is not None else teacher
     cached = None
     if (teacher is not None and peer is None and not use_features and cache_teacher and data.augment == "none"
@@ -289,7 +290,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
                 t_tap = taps.enter_context(FeatureTap(teacher, [t for _, t in pairs], "teacher"))
             for x, y, idx in bar:
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
-                x = _augment(x, data.augment, gen)
+                x = accel.as_input(_augment(x, data.augment, gen), cfg)
                 logits = ddp_model(x)
                 peer_loss = None
                 if teacher is None:
@@ -298,9 +299,11 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
                     t_logits = ddp_peer(x)
                 elif cached is not None:
                     t_logits = cached[idx].to(dev)
-                else:
+                elif use_features:  # the tapped activations feed a trainable loss: no inference tensors
                     with torch.no_grad():
                         t_logits = teacher(x)
+                else:
+                    t_logits = accel.teacher_logits(teacher, x, amp)
                 if use_features:
                     feats = losses.Features(student=s_tap.take(), teacher=t_tap.take())
                     loss = loss_fn(logits, t_logits, y, features=feats)
@@ -351,6 +354,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
             if peer_row is not None:
                 on_epoch(peer_row)
 
+    accel.release(model, teacher)
     for m in (model, teacher, loss_fn):  # later stages (evaluation, saving, export) work on the CPU
         if m is not None:
             m.to("cpu")
