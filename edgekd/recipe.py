@@ -65,7 +65,7 @@ class TrainConfig(_Section):
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="bf16/fp16 autocast of the trained model's "
                                                                   "forward pass (GPU; also works on CPU)")
     channels_last: bool = Field(False, description="train conv nets in channels_last memory format (faster on "
-                                                   "GPUs with tensor cores; measured slower on this CPU)")
+                                                   "GPUs and, measured, on this CPU; changes rounding, so off by default)")
     compile: bool = Field(False, description="torch.compile the trained model's training forward pass")
 
 
