@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from test_validate import STUDENT_FILES, exported_tiny_run
 
-from edgekd.bench import latency_stats, parse_runtimes, parse_threads
+from edgekd.bench import latency_stats, parse_threads
+from edgekd.runtimes.targets import parse_runtimes
 from edgekd.cli import cli
 from edgekd.errors import EdgeKDError
 from edgekd.run_dir import RunDir
