@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgekd.cli import cli
-from edgekd.errors import CheckFailed
+from edgekd.errors import CheckFailed, RunDirError
 from edgekd.recipe import ValidateConfig
 from edgekd.results import BenchReport, ValidationResult
 from edgekd.run_dir import RunDir
@@ -182,6 +182,17 @@ def test_integer_file_in_the_run_runs_from_raw_inputs(exported: Path):
         assert (pred == ref).mean() > 0.9, f
 
 
+def test_progress_lines_are_logged_and_quiet_keeps_only_the_table(run_copy: Path):
+    runner = CliRunner()
+    loud = runner.invoke(cli, ["validate", "--run", str(run_copy), "--runtime", "torch"])
+    quiet = runner.invoke(cli, ["validate", "--run", str(run_copy), "--runtime", "torch", "-q"])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    per_model = [line for line in loud.output.splitlines() if "agree(teacher)" in line]
+    assert [line.split()[0] for line in per_model] == ["teacher.pt", "baseline.pt", "student.pt"]
+    assert "agree(teacher)" not in quiet.output and "agree_teacher" in quiet.output
+    assert loud.output.endswith(quiet.output)  # the same summary table after the progress lines
+
+
 def test_changed_file_fails_validate_with_its_name(run_copy: Path):
     """A file changed since export is not measured: validate fails (exit 1) naming it; see test_bad_inputs.py."""
     with open(run_copy / "student_fp32.tflite", "r+b") as f:
@@ -208,6 +219,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, run_copy: Path):
     (run_copy / "metadata.json").write_text("{not json")
     res = runner.invoke(cli, ["validate", "--run", str(run_copy)])
     assert res.exit_code == 2 and "metadata.json is not valid JSON" in res.output
+    # --debug raises instead, with the parser's error chained as the cause.
+    res = runner.invoke(cli, ["--debug", "validate", "--run", str(run_copy)])
+    assert isinstance(res.exception, RunDirError) and isinstance(res.exception.__cause__, json.JSONDecodeError)
     res = runner.invoke(cli, ["validate", "--run", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "does not exist" in res.output
 
