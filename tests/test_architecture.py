@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 MAX_FUNCTION_LINES = 100
 
 
-def test_import_contracts_are_kept(capsys):
+def test_import_contracts_are_kept():
     """cli > run > stages > libraries > ground floor; stages independent; no cycles (see [tool.importlinter])."""
-    from importlinter.cli import lint_imports
-
-    code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
-    report = capsys.readouterr().out
-    assert code == 0, report[report.find("Broken contracts"):] or report
+    # The venv's own script, in a child process: in-process, import-linter closes the streams pytest captures.
+    script = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(script), "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    report = proc.stdout + proc.stderr
+    assert "Contracts:" in report, report  # it ran and checked the contracts (not a missing script)
+    assert proc.returncode == 0, report[report.find("Broken contracts"):]
 
 
 def _long_functions(path: Path, root: Path = ROOT) -> list[str]:
