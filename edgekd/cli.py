@@ -155,11 +155,11 @@ def sweep_cmd(recipe: str | None, trials: int, storage: str | None, study_name: 
 @cli.command("models")
 def list_models() -> None:
     """List the built-in model architectures."""
+    from edgekd.models import get_model_factory
     from edgekd.models import list_models as names
-    from edgekd.models.registry import _REGISTRY
 
     for name in names():
-        doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()[0]
+        doc = (get_model_factory(name).__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name:12s} {doc}")
 
 

@@ -53,18 +53,18 @@ from torch import nn
 
 from edgekd.errors import CheckpointError, ModelError, RecipeError, RunDirError
 from edgekd.recipe import PruneConfig, Recipe, TrainConfig
-from edgekd.run_dir import RunDir, atomic_path, read_json, sha256_file, write_json_atomic
+from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
+# The pruned-model format lives in edgekd.models; these names stay importable from here.
+from edgekd.models.pruned import (FORMAT, build_pruned, load_pruned, load_pruned_model,  # noqa: F401
+                                  module_attributes, save_pruned)
 
 STAGE = "prune"
 ROLE = "student_pruned"
 ARTIFACT = f"{ROLE}.pt"
-FORMAT = "edgekd-pruned/1"
 # Resumable state of an unfinished prune (removed when a prune starts without --resume).
 PROGRESS = "checkpoints/prune_progress.pt"  # the model of the last finished step, the step index, the schedule
 OPTIONS = "checkpoints/prune_resume.json"  # the options the prune started with, and its planned channel ratio
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
-# Plain-data attribute types recorded per module; anything else (tensors, modules, callables) is not saved.
-_PLAIN = (bool, int, float, str, type(None))
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -461,103 +461,6 @@ def _taylor_type():
     return tp.importance.GroupTaylorImportance
 
 
-# -- saving and loading ---------------------------------------------------------------------------------
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return isinstance(value, _PLAIN)
-
-
-def module_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The public plain-data attributes of every module (what pruning rewrites: channel counts, groups...)."""
-    out = {}
-    for name, m in model.named_modules():
-        out[name] = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training" and _plain(v)}
-    return out
-
-
-def save_pruned(path: str | Path, model: nn.Module, spec: str, kwargs: dict[str, Any],
-                input_shape: tuple[int, ...], num_classes: int, **extra: Any) -> None:
-    """Save a pruned model so :func:`load_pruned` can rebuild it; every value is a tensor or plain data."""
-    payload = {
-        "format": FORMAT, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "model": {"spec": spec, "kwargs": dict(kwargs)}, "input_shape": list(input_shape),
-        "num_classes": int(num_classes), "modules": module_attributes(model), **extra,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_pruned(path: str | Path) -> nn.Module:
-    """Rebuild a pruned model saved by :func:`save_pruned`, in eval mode.
-
-    The architecture comes from the recorded spec; each module is then resized to its recorded attributes and
-    the shapes of its saved tensors, so widths the factory cannot express are restored exactly.
-
-    Raises:
-        CheckpointError: Missing, corrupt, not a pruned checkpoint, or not matching the recorded model.
-    """
-    from edgekd.models import load_checkpoint
-
-    path = Path(path)
-    return _build_pruned(load_checkpoint(path), path)  # weights_only=True: no object is unpickled
-
-
-def _build_pruned(ckpt: dict[str, Any], path: Path) -> nn.Module:
-    """The model of a loaded :func:`save_pruned` payload (see :func:`load_pruned`)."""
-    from edgekd.models import build_model
-
-    if ckpt.get("format") != FORMAT or "modules" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a pruned edgekd checkpoint (format {ckpt.get('format')!r})",
-                              "write it with `edgekd prune`")
-    spec, kwargs = ckpt["model"]["spec"], ckpt["model"].get("kwargs", {})
-    model = build_model(spec, tuple(ckpt["input_shape"]), int(ckpt["num_classes"]), kwargs)
-    modules = dict(model.named_modules())
-    attrs: dict[str, dict[str, Any]] = ckpt["modules"]
-    missing = sorted(set(attrs) - set(modules))
-    if missing:
-        raise CheckpointError(f"{path} does not fit model {spec!r}: it has no module {missing[0]!r}",
-                              "the model code changed since pruning; prune again")
-    for name, values in attrs.items():
-        for key, value in values.items():
-            setattr(modules[name], key, value)
-    state = ckpt["state_dict"]
-    for key, tensor in state.items():
-        owner_name, _, attr = key.rpartition(".")
-        owner = modules.get(owner_name)
-        if owner is None:
-            raise CheckpointError(f"{path} does not fit model {spec!r}: unexpected tensor {key!r}",
-                                  "the model code changed since pruning; prune again")
-        # Replace each tensor with an empty one of the saved shape so load_state_dict can fill it.
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            old = owner._parameters[attr]
-            owner._parameters[attr] = nn.Parameter(torch.empty_like(tensor), requires_grad=old.requires_grad)
-        elif attr in owner._buffers and owner._buffers[attr] is not None:
-            owner._buffers[attr] = torch.empty_like(tensor)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path} does not fit model {spec!r} ({' '.join(first[:2])[:200]})",
-                              "the model code changed since pruning; prune again") from None
-    return model.eval()
-
-
-def load_pruned_model(run_dir: str | Path | RunDir) -> nn.Module:
-    """The pruned student of a run directory (``student_pruned.pt``), in eval mode.
-
-    Raises:
-        RunDirError: The run has not been pruned (run ``edgekd prune`` first).
-        CheckpointError: The file is damaged or does not fit the model.
-    """
-    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    path = rd / ARTIFACT
-    if not path.is_file():
-        raise RunDirError(f"{rd.path} has no {ARTIFACT}", "run `edgekd prune --run <dir>` first")
-    return load_pruned(path)
-
-
 # -- latency --------------------------------------------------------------------------------------------
 
 def measure_latency(models: dict[str, Callable[[torch.Tensor], Any]], input_shape: tuple[int, ...], runs: int = 300,
@@ -616,22 +519,13 @@ def _finetune_config(recipe: Recipe, cfg: PruneConfig) -> TrainConfig:
 
 
 def _load_role(rd: RunDir, role: str, allow_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    from edgekd.models import build_model, load_checkpoint
+    from edgekd.models import load_checkpoint, load_model
 
     path = rd / f"{role}.pt"
     if not path.is_file():
         raise RunDirError(f"{rd.path} has no {role}.pt", "run `edgekd distill` to completion first")
     ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
-    info = ckpt.get("model")
-    if not isinstance(info, dict) or "spec" not in info or "input_shape" not in ckpt:
-        raise CheckpointError(f"{path} does not record its model spec", "it must be written by `edgekd distill`")
-    model = build_model(info["spec"], tuple(ckpt["input_shape"]), int(ckpt["num_classes"]), info.get("kwargs"))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise CheckpointError(f"{path} does not fit its recorded model {info['spec']!r}",
-                              "the model code changed since distillation") from None
-    return model.eval(), ckpt
+    return load_model(path, checkpoint=ckpt), ckpt
 
 
 def _load_teacher(rd: RunDir, recipe: Recipe) -> nn.Module:
@@ -730,7 +624,7 @@ def _resume_point(rd: RunDir, options: dict[str, Any], resume: bool | str, quiet
     if ckpt.get("options") != options or not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{progress} does not belong to the interrupted prune",
                               "drop --resume to start the prune over")
-    point.update(done=int(state["step"]), model=_build_pruned(ckpt, progress), state=state)
+    point.update(done=int(state["step"]), model=build_pruned(ckpt, progress), state=state)
     return point
 
 
