@@ -29,7 +29,6 @@ STAGE = "validate"
 VALIDATE_JSON = "validate.json"
 # Roles the distill stage writes, in the order tables list them; other checkpoints (a pruned student) follow.
 _ROLE_ORDER = ("teacher", "baseline", "student")
-_FORMAT_RUNTIME = {"pt": "torch", "onnx": "onnxruntime", "tflite": "litert"}
 # Models that are references, not deployable student variants: budgets and recommendations skip them.
 REFERENCE_MODELS = ("teacher", "baseline")
 
@@ -92,7 +91,7 @@ def discover_models(rd: RunDir, runtimes: list[str] | None = None) -> list[Model
                  "input": {"shape": [1, *input_shape], "dtype": "float32", "layout": data.get("layout", "NCHW"),
                            "quantization": None},
                  "output": {"dtype": "float32", "quantization": None}, "normalization": norm}
-        targets.append(ModelTarget(p.name, p.stem, "torch", "pt", "fp32", entry))
+        targets += [ModelTarget(p.name, p.stem, rt, "pt", "fp32", entry) for rt in _runtimes_for(p.name)]
     meta = read_metadata(rd)
     for entry in (meta or {}).get("models", []):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
@@ -104,11 +103,9 @@ def discover_models(rd: RunDir, runtimes: list[str] | None = None) -> list[Model
         # The contract allows normalization at the top level only; runtimes read it from the entry.
         entry.setdefault("normalization", meta.get("normalization") or norm)
         fmt = entry.get("format") or Path(entry["file"]).suffix.lstrip(".")
-        runtime = _FORMAT_RUNTIME.get(fmt)
-        if runtime is None:
-            continue
-        targets.append(ModelTarget(entry["file"], str(entry.get("model") or Path(entry["file"]).stem.split("_")[0]),
-                                   runtime, fmt, str(entry.get("precision", "fp32")), entry))
+        for runtime in _runtimes_for(entry["file"]):  # every runtime that runs the file: one target each
+            targets.append(ModelTarget(entry["file"], str(entry.get("model") or Path(entry["file"]).stem.split("_")[0]),
+                                       runtime, fmt, str(entry.get("precision", "fp32")), entry))
     if runtimes is not None:
         targets = [t for t in targets if t.runtime in runtimes]
     if not targets:
@@ -116,6 +113,14 @@ def discover_models(rd: RunDir, runtimes: list[str] | None = None) -> list[Model
         raise RunDirError(f"{rd.path} holds no models{which}",
                           "run `edgekd distill` (and `edgekd export` for ONNX/TFLite files) first")
     return targets
+
+
+def _runtimes_for(file: str) -> list[str]:
+    """Names of the runtimes that run ``file``: the installed ones, else the registered ones (which then report
+    why they cannot run it)."""
+    from edgekd.runtimes import runtimes_for
+
+    return [cls.name for cls in runtimes_for(file) or runtimes_for(file, installed_only=False)]
 
 
 def load_eval(rd: RunDir) -> tuple[np.ndarray, np.ndarray]:

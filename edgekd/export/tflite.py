@@ -308,9 +308,9 @@ def retype_io(model_bytes: bytes, io_type: str) -> bytes:
 
 def describe_tflite(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Input and output of a .tflite file as the interpreter reports them: name, shape, dtype, quantization."""
-    from edgekd.runtimes.base import _tflite_interpreter_class
+    from edgekd.runtimes.litert import interpreter_class
 
-    cls, _ = _tflite_interpreter_class()
+    cls, _ = interpreter_class()
     try:
         it = cls(model_path=str(path))
     except Exception as e:
