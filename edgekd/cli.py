@@ -239,13 +239,15 @@ def _export_options(fn: Callable) -> Callable:
 @_export_options
 @click.option("--onnx", "onnx_", is_flag=True, help="Write ONNX files (no format flag: both formats).")
 @click.option("--tflite", "tflite_", is_flag=True, help="Write TFLite files (no format flag: both formats).")
+@click.option("--format", "format_names", multiple=True, metavar="NAME",
+              help="Write this format, any registered export backend (repeatable; --onnx = --format onnx).")
 @click.option("--quantize", "quantize", default=None, metavar="LIST",
               help="Quantized student files to add: fp16,int8,dynamic or none (default: the recipe's, else int8).")
 @click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
 @click.option("--no-teacher", is_flag=True, help="Do not export the teacher (fp32) for comparison.")
 def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
-               quiet: bool, onnx_: bool, tflite_: bool, quantize: str | None, nhwc: bool | None,
-               no_teacher: bool) -> None:
+               quiet: bool, onnx_: bool, tflite_: bool, format_names: tuple[str, ...], quantize: str | None,
+               nhwc: bool | None, no_teacher: bool) -> None:
     """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
 
     Every file is run in its own runtime on the run's test split: fp32 files must match PyTorch within
@@ -254,7 +256,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
     """
     from edgekd.export import run_export, summary_table
 
-    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_)) if on] or None
+    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_)) if on] + list(format_names) or None
     report = run_export(run, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
                         verify=not no_verify, log=None if quiet else click.echo, check=False)
