@@ -48,13 +48,28 @@ def available() -> dict[str, str]:
     return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(_LOSSES.items())}
 
 
-def build(name: str, **kwargs) -> nn.Module:
-    """Build a registered loss; unknown names or kwargs raise a one-line :class:`RecipeError`."""
+def list_losses() -> list[str]:
+    """Names of the registered losses, sorted."""
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> type[nn.Module]:
+    """The loss class registered under ``name``.
+
+    Raises:
+        RecipeError: No loss of that name; the message suggests the closest one.
+    """
     cls = _LOSSES.get(name)
     if cls is None:
         close = difflib.get_close_matches(name, _LOSSES, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"available: {', '.join(sorted(_LOSSES))}"
         raise RecipeError(f"unknown loss {name!r}", hint)
+    return cls
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered loss; unknown names or kwargs raise a one-line :class:`RecipeError`."""
+    cls = get_loss(name)
     params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     for key in kwargs:
         if key not in params:

@@ -61,11 +61,9 @@ def search_space(name: str) -> dict[str, tuple[float, float, bool]]:
     Raises:
         RecipeError: Unknown loss, or a loss with nothing to tune.
     """
-    if name not in losses._LOSSES:
-        losses.build(name)  # raises the registry's one-line error with a suggestion
-    space = getattr(losses._LOSSES[name], "search_space", None)
+    space = getattr(losses.get_loss(name), "search_space", None)  # unknown names: one-line error with a hint
     if not space:
-        tunable = sorted(n for n, c in losses._LOSSES.items() if getattr(c, "search_space", None))
+        tunable = [n for n in losses.list_losses() if getattr(losses.get_loss(n), "search_space", None)]
         raise RecipeError(f"edgekd sweep cannot tune loss {name!r}", f"tunable losses: {', '.join(tunable)} (--losses)")
     return dict(space)
 
