@@ -287,7 +287,12 @@ class _Exporter:
         fp32_path = s.rd / fp32_entry["file"]
         path = s.rd / f"{target.name}_{precision}{backend.suffix}"
         layout = fp32_entry["input"]["layout"]
-        routes = list(backend.routes_for(precision))
+        try:
+            routes = list(backend.routes_for(precision))
+        except ExportError as e:  # a format without this precision: the other files are still written
+            self.r.failures.append(str(e))
+            s.log(f"{path.name:28s} not written: {e}")
+            return
         calib = s.calibration() if precision == "int8" else None
         job = QuantizeJob(target.model, s.sample(), fp32_path, path, precision, layout, calib, s.cfg, target.name)
         attempts: list[str] = []
