@@ -106,7 +106,7 @@ def distill(recipe: str | None, out: str, name: str | None, seed: int | None, ov
     from edgekd.recipe import load_recipe
 
     r = load_recipe(recipe, overrides, name=name, seed=seed)
-    from edgekd.distill.distributed import run_distill_everywhere
+    from edgekd.distill.launch import run_distill_everywhere
     from edgekd.summary import distill_summary
 
     rd = run_distill_everywhere(r, out=out, device_name=device, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
