@@ -92,7 +92,7 @@ def distill(recipe: str | None, out: str, name: str | None, seed: int | None, ov
 
     For several processes: torchrun --nproc_per_node=N -m edgekd distill RECIPE (DDP; rank 0 writes the run).
     """
-    from edgekd.distill.distributed import run_distill_everywhere
+    from edgekd.distill.launch import run_distill_everywhere
     from edgekd.recipe import load_recipe
     from edgekd.summary import distill_summary
 

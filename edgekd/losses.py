@@ -87,7 +87,7 @@ def build(name: str, **kwargs) -> nn.Module:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"loss {name!r}: {e}") from None
+        raise RecipeError(f"loss {name!r}: {e}") from e
 
 
 def _check_alpha(alpha: float) -> float:
@@ -296,7 +296,7 @@ class FeatureLoss(nn.Module):
             return [(student_logits, teacher_logits)]
         if features is None:
             raise ValueError(f"{self.name} compares intermediate features: call it with features= "
-                             "(edgekd.distill.trainer.fit collects them)")
+                             "(edgekd.training.fit collects them)")
         return [(features.student[s], features.teacher[t]) for s, t in self.feature_layers()]
 
     def forward(self, student_logits, teacher_logits, labels=None, features: Features | None = None):
@@ -655,7 +655,7 @@ class CombinedLoss(nn.Module):
             try:
                 built.append(build(name, **kwargs))
             except RecipeError as e:
-                raise ValueError(f"term {i + 1}: {e}") from None
+                raise ValueError(f"term {i + 1}: {e}") from e
             names.append(name)
         if sum(weights) <= 0:
             raise ValueError(f"the term weights {weights} sum to 0: give at least one term a positive weight")
