@@ -670,6 +670,11 @@ def run_prune(rd: RunDir | str | Path, *, ratio: float | None = None, target_mac
                    global_pruning=global_pruning, lr=lr)
     if parallel.is_distributed():  # the caller owns the process group
         return _Prune(rd, options, quiet, resume).run(latency_runs)
+    if resume is True and parallel.env_world_size() > 1:
+        # Refused before joining the process group: a rank that stopped after joining would leave the others
+        # hanging in (or failing out of) the rendezvous instead of printing this line.
+        raise RecipeError("prune --resume is not supported under torchrun",
+                          "resume the prune with a single process, or run it again without --resume")
     info = parallel.setup(device)
     ok = False
     try:
