@@ -312,3 +312,55 @@ def verify_mcu(path: Path, entry: dict[str, Any], x: np.ndarray, y: np.ndarray) 
     arena = measure_arena(path.read_bytes(), path.name)
     return McuResult(path.name, ops, acc_tflm, acc_litert, float((tflm == litert).mean()), arena.as_dict(),
                      firmware_arena(arena.minimum))
+
+
+def export_mcu(run_path: Path, int8_entry: dict[str, Any] | None, io_type: str, x: np.ndarray, y: np.ndarray,
+               run_name: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The MCU target of a run: ``<model>_mcu.tflite`` from the int8 file, verified in TFLM, and ``mcu/``.
+
+    Args:
+        run_path: The run directory.
+        int8_entry: metadata.json entry of the static int8 TFLite student file (None: the run has none).
+        io_type: ``int8`` or ``uint8`` inputs/outputs (``export.mcu_io``).
+        x: Raw test inputs (``eval.npz``).
+        y: Test labels.
+        run_name: For the firmware README.
+
+    Returns:
+        The file's metadata entry and its metrics.
+
+    Raises:
+        ExportError: No int8 file, a float tensor, an operator TFLM lacks (nothing is left written).
+        CheckFailed: TFLM's accuracy differs from LiteRT's on the file.
+    """
+    from edgekd.export import firmware
+    from edgekd.export.metadata import build_entry
+    from edgekd.runtimes.tflm import tflm_version
+
+    if int8_entry is None:
+        raise ExportError("the MCU target needs the static int8 TFLite file, and this run has none",
+                          "add tflite to export.formats and int8 to export.quantize")
+    run_path = Path(run_path)
+    src = run_path / int8_entry["file"]
+    path = run_path / f"{int8_entry['model']}{MCU_SUFFIX}"
+    ops = write_mcu(src, path, io_type)
+    try:
+        entry = build_entry(path, int8_entry["model"], "int8", int8_entry["input"]["layout"],
+                            int8_entry["normalization"], int8_entry["labels"], f"mcu (from {src.name})")
+        result = verify_mcu(path, entry, x, y)
+        files = firmware.write_firmware(run_path / firmware.MCU_DIR, path, entry, ops, result.as_dict(),
+                                        methods=tflm_ops(), run=run_name, tflm=tflm_version(),
+                                        tflm_accuracy=result.tflm_accuracy)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    mcu = {**result.as_dict(), "flash_bytes": entry["size_bytes"], "ram_bytes": result.arena_firmware_bytes,
+           "runtime": tflm_version(), "firmware": [str(f.relative_to(run_path)) for f in files]}
+    entry.update(target="mcu", verified=True, mcu=mcu)
+    entry["tool_versions"] = {**entry.get("tool_versions", {}), "tflite-micro": tflm_version().split()[-1]}
+    metrics = {"model": entry["model"], "format": "tflite", "target": "mcu", "precision": "int8",
+               "size_bytes": entry["size_bytes"], "route": entry["route"], "verified": True,
+               "test_accuracy": result.tflm_accuracy, "litert_accuracy": result.litert_accuracy,
+               "tflm_litert_agreement": result.agreement, "flash_bytes": entry["size_bytes"],
+               "ram_bytes": result.arena_firmware_bytes, "arena_min_bytes": result.arena["arena_min_bytes"]}
+    return entry, metrics

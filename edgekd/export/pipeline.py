@@ -28,7 +28,7 @@ from edgekd.export import parity
 from edgekd.recipe import ExportConfig, Recipe
 from edgekd.run_dir import METRICS, RunDir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "mcu")
 QUANT_PRECISIONS = ("fp16", "int8", "dynamic")
 PRECISIONS = ("fp32",) + QUANT_PRECISIONS
 # Samples run through both files when looking for the first diverging layer (every tensor is kept).
@@ -382,6 +382,32 @@ class _Exporter:
             self.r.problems.append(f"{path.name}: {problem}{where}")
         self._finish_file(path, entry, target, precision, numbers, problem, extra)
 
+    def export_mcu(self, target: Target) -> None:
+        """Write ``<target>_mcu.tflite`` and the firmware sources from the int8 TFLite file just written."""
+        from edgekd.export.mcu import export_mcu
+
+        s = self.s
+        int8 = next((e for e in self.entries if e["file"] == f"{target.name}_int8.tflite"), None)
+        try:
+            entry, metrics = export_mcu(s.rd.path, int8, s.cfg.mcu_io, s.x, s.y, s.rd.name)
+        except CheckFailed as e:
+            self.r.problems.append(str(e))
+            s.log(f"{target.name}_mcu.tflite: {e}")
+            return
+        except ExportError as e:
+            self.r.failures.append(str(e))
+            s.log(f"{target.name}_mcu.tflite not written: {e}")
+            return
+        self.entries.append(entry)
+        self.r.files.extend([entry["file"], *entry["mcu"]["firmware"]])
+        all_metrics = s.rd.metrics()
+        all_metrics[entry["file"]] = metrics
+        write_json_atomic(s.rd / METRICS, all_metrics)
+        m = entry["mcu"]
+        s.log(f"{entry['file']:28s} {_fmt_size(entry['size_bytes']):>9s}  TFLM accuracy {m['tflm_accuracy']:.4f} "
+              f"(LiteRT {m['litert_accuracy']:.4f}), arena {m['arena_min_bytes']} B "
+              f"(firmware {m['arena_firmware_bytes']} B)  ok [{entry['route']}]")
+
     def _run_route(self, route: str, target: Target, fmt: str, precision: str, fp32_path: Path, path: Path,
                    layout: str, calib: np.ndarray | None) -> dict[str, Any]:
         s = self.s
@@ -528,6 +554,8 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
 
     def work() -> None:
         for fmt in cfg.formats:
+            if fmt == "mcu":  # made from the int8 TFLite file below
+                continue
             for target in targets:
                 written = exporter.export_fp32(target, fmt)
                 if not written or target.name == "teacher":
@@ -535,6 +563,8 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
                 fp32_entry = exporter.entries[-1]
                 for precision in cfg.quantize:
                     exporter.quantize(target, fmt, precision, fp32_entry)
+        if "mcu" in cfg.formats:
+            exporter.export_mcu(student)
 
     _run_and_record(work, rd, "export", report, session, exporter, t0)
     if cfg.quantize and report.ok:
