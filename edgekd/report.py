@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import DataError, RunDirError
-from edgekd.run_dir import RunDir, atomic_path, write_text_atomic
+from edgekd.run_dir import RunDir, atomic_path, read_json, write_text_atomic
 
 STAGE = "report"
 PLOTS_DIR = "report_plots"
@@ -365,6 +365,35 @@ def _tables(validation: dict[str, Any], bench: dict[str, Any], device_rows: list
     return out
 
 
+def mcu_tables(models: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Flash and RAM of every MCU file (metadata.json entries with an ``mcu`` block) and the boards it fits.
+
+    Board figures are the datasheets' (``edgekd/runtimes/boards.json``); the TFLM library and the application
+    come on top of the model's share.
+    """
+    from edgekd.runtimes.tflm import board_fit
+
+    files = [e for e in models if isinstance(e.get("mcu"), dict)]
+    if not files:
+        return []
+    rows, fit_rows = [], []
+    for e in files:
+        m = e["mcu"]
+        fit = board_fit(m["flash_bytes"], m["ram_bytes"])
+        rows.append([e["file"], f"{m['flash_bytes'] / 1024:.1f}", f"{m['arena_min_bytes'] / 1024:.1f}",
+                     f"{m['ram_bytes'] / 1024:.1f}", _f(m.get("tflm_accuracy")), _f(m.get("litert_accuracy")),
+                     f"{e['input']['dtype']} {e['input']['shape']}", str(len(m.get("ops", []))),
+                     ", ".join(b["name"] for b in fit if b["fits"]) or "none of the listed boards"])
+        fit_rows += [[e["file"], b["name"], b["mcu"], str(b["flash_kb"]), str(b["ram_kb"]),
+                      f"{100 * b['flash_share']:.1f}%", f"{100 * b['ram_share']:.1f}%", "yes" if b["fits"] else "no"]
+                     for b in fit]
+    return [("Microcontrollers (TensorFlow Lite Micro)",
+             ["file", "flash KB (model)", "arena KB (measured)", "RAM KB (arena reserved)", "TFLM accuracy",
+              "LiteRT accuracy", "input", "ops", "fits"], rows),
+            ("Boards: share of flash and RAM the model takes (the TFLM library and the app come on top)",
+             ["file", "board", "MCU", "flash KB", "RAM KB", "flash used", "RAM used", "fits"], fit_rows)]
+
+
 def _load_note(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     """Say how busy the machine was: latencies measured next to other work are noisier and slower."""
     loads = [r["loadavg_1m"] for r in rows if isinstance(r.get("loadavg_1m"), (int, float))]
@@ -514,7 +543,8 @@ def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: Any |
             lines.append(f"Budgets ({named}; scope {check.get('scope', 'any')}): **FAILED** — "
                          + "; ".join(check["failures"]))
     else:
-        lines.append("Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb` to the recipe's "
+        lines.append("Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb`, `max_flash_kb`, "
+                     "`max_ram_kb` to the recipe's "
                      "`validate` section to gate on them).")
     for s in bench.get("skipped", []) + validation.get("skipped", []):
         lines.append(f"Not measured: `{s['file']}` ({s['runtime']}{', ' + str(s['threads']) + ' threads' if 'threads' in s else ''}): "
@@ -529,6 +559,9 @@ def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: Any |
                 f"peak RSS by {settings.get('rss_method')}." if settings else "") + _load_note(bench_rows, machine)) \
         if machine else ""
     tables = _tables(validation, bench, device_rows)
+    meta_path = rd / "metadata.json"
+    if meta_path.is_file():
+        tables += mcu_tables(read_json(meta_path).get("models", []))
 
     # -- write plots, Markdown, HTML --
     plot_files = {}

@@ -242,6 +242,8 @@ def run_validate(rd: RunDir, runtimes: list[str] | None = None, threads: int | N
                "agreement_teacher": float((pred == refs["teacher"]).mean()) if "teacher" in refs else None,
                "agreement_student_fp32": float((pred == refs["student"]).mean()) if "student" in refs else None,
                "size_bytes": _size(rd, t.file), "n_eval": int(len(y)), "seconds": round(seconds, 3)}
+        if isinstance(t.entry.get("mcu"), dict):  # an MCU file: what it takes on the board (export measured it)
+            row["mcu"] = {k: t.entry["mcu"].get(k) for k in ("flash_bytes", "ram_bytes", "arena_min_bytes")}
         rows.append(row)
         if progress:
             progress(f"{t.file:32s} {t.runtime:12s} acc {row['test_accuracy']:.4f}  f1 {row['f1_macro']:.4f}  "
@@ -383,7 +385,8 @@ def check_budgets(validation: dict[str, Any], bench: dict[str, Any], budgets: An
     Returns:
         ``{"ok": bool, "failures": ["file (runtime): what broke", ...], "checked": [...], "budgets": {...}}``.
     """
-    spec = {k: getattr(budgets, k, None) for k in ("max_accuracy_drop", "max_p50_ms", "max_size_kb")}
+    spec = {k: getattr(budgets, k, None) for k in ("max_accuracy_drop", "max_p50_ms", "max_size_kb",
+                                                    "max_flash_kb", "max_ram_kb")}
     scope = getattr(budgets, "scope", "any") or "any"
     result: dict[str, Any] = {"ok": True, "failures": [], "checked": [], "budgets": spec, "scope": scope}
     if budgets is None or all(v is None for v in spec.values()):
@@ -417,7 +420,37 @@ def check_budgets(validation: dict[str, Any], bench: dict[str, Any], budgets: An
     if not result["ok"]:
         result["failures"] = result["failures"] or [f"{c['file']} ({c['runtime']}): {', '.join(b)}"
                                                     for c, b in failing]
+    mcu = mcu_budget_failures(validation, spec["max_flash_kb"], spec["max_ram_kb"])
+    if mcu:
+        result["ok"] = False
+        result["failures"] = result["failures"] + mcu
     return result
+
+
+def mcu_budget_failures(validation: dict[str, Any], max_flash_kb: float | None,
+                        max_ram_kb: float | None) -> list[str]:
+    """What every MCU file of the run breaks of ``validate.max_flash_kb`` / ``max_ram_kb`` (any scope).
+
+    Flash is the model array (the MCU file); RAM the tensor arena the firmware reserves (TFLM keeps the input
+    and output tensors inside it).
+    """
+    if max_flash_kb is None and max_ram_kb is None:
+        return []
+    files = {r["file"]: r["mcu"] for r in validation.get("rows", []) if isinstance(r.get("mcu"), dict)}
+    if not files:
+        return ["validate.max_flash_kb/max_ram_kb are set, but the run has no MCU file "
+                "(add mcu to export.formats and run `edgekd export` and `edgekd validate` again)"]
+    out = []
+    for name, m in files.items():
+        broke = []
+        if max_flash_kb is not None and m["flash_bytes"] / 1024 > max_flash_kb:
+            broke.append(f"flash {m['flash_bytes'] / 1024:.1f} KB > {max_flash_kb:g} KB (validate.max_flash_kb)")
+        if max_ram_kb is not None and m["ram_bytes"] / 1024 > max_ram_kb:
+            broke.append(f"RAM {m['ram_bytes'] / 1024:.1f} KB (tensor arena) > {max_ram_kb:g} KB "
+                         "(validate.max_ram_kb)")
+        if broke:
+            out.append(f"{name} (tflm): {', '.join(broke)}")
+    return out
 
 
 def raise_if_failed(check: dict[str, Any]) -> None:

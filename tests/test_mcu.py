@@ -94,7 +94,8 @@ def test_float_file_is_refused_in_one_line(int8_run):
     with pytest.raises(ExportError) as err:
         check_mcu_model((int8_run / "student_fp32.tflite").read_bytes(), "student_fp32.tflite")
     msg = str(err.value)
-    assert "student_fp32.tflite is not full-integer" in msg and "float32" in msg and "\n" not in msg
+    assert msg.startswith("student_fp32.tflite is a float model (float32), not full-integer")
+    assert "add int8 to export.quantize" in msg and "\n" not in msg
 
 
 def _with_opcode(data: bytes, old: str, new: str) -> bytes:
@@ -209,3 +210,139 @@ def test_accuracy_mismatch_names_file_and_difference():
         same_accuracy("m.tflite", np.array([0, 1, 2, 0]), np.array([0, 1, 0, 0]), y)
     assert str(err.value).startswith("m.tflite: TFLM accuracy 0.7500 differs from LiteRT's 0.5000 on the same "
                                      "file (by +0.2500; 1 of 4 predictions differ)")
+
+
+# -- the mcu format through the commands ---------------------------------------------------------------------
+
+def _set_export(run: Path, **export) -> None:
+    import yaml
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    # The tiny run's 3-epoch width-2 student is barely above chance: its int8 agreement measures noise.
+    recipe["export"] = {"tolerance": {"min_agreement": 0.9, "max_accuracy_drop": 0.05}, "teacher": False, **export}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from edgekd.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.fixture(scope="module")
+def mcu_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported by `edgekd export` with formats tflite + mcu and uint8 MCU I/O."""
+    run = tmp_path_factory.mktemp("mcu-cli") / "run"
+    shutil.copytree(tiny_run, run)
+    _set_export(run, formats=["tflite", "mcu"], quantize=["int8"], mcu_io="uint8")
+    res = _cli("export", "--run", str(run))
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_export_writes_the_mcu_file_its_arena_and_firmware(mcu_run):
+    meta = {e["file"]: e for e in json.loads((mcu_run / "metadata.json").read_text())["models"]}
+    entry = meta["student_mcu.tflite"]
+    assert entry["target"] == "mcu" and entry["input"]["dtype"] == "uint8" and entry["verified"] is True
+    m = entry["mcu"]
+    assert m["tflm_accuracy"] == m["litert_accuracy"]
+    assert m["arena_used_bytes"] <= m["arena_min_bytes"] < m["ram_bytes"] == m["arena_firmware_bytes"]
+    assert m["flash_bytes"] == entry["size_bytes"] == (mcu_run / "student_mcu.tflite").stat().st_size
+    manifest = json.loads((mcu_run / "manifest.json").read_text())["artifacts"]
+    for rel in m["firmware"]:
+        assert (mcu_run / rel).is_file() and rel in manifest
+    assert f"{m['arena_firmware_bytes']};" in (mcu_run / "mcu" / "student_settings.h").read_text()
+    metrics = json.loads((mcu_run / "metrics.json").read_text())["student_mcu.tflite"]
+    assert metrics["test_accuracy"] == m["tflm_accuracy"] and metrics["ram_bytes"] == m["ram_bytes"]
+
+
+def test_validate_flash_and_ram_budgets(mcu_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mcu_run, run)
+    m = json.loads((run / "metadata.json").read_text())["models"]
+    mcu = next(e["mcu"] for e in m if "mcu" in e)
+    ok = _cli("validate", "--run", str(run), "-q", "--set", f"validate.max_flash_kb={mcu['flash_bytes'] / 1024 + 1}",
+              "--set", f"validate.max_ram_kb={mcu['ram_bytes'] / 1024}")
+    assert ok.exit_code == 0, ok.output
+    assert "budgets: passed" in ok.output
+    flash = _cli("validate", "--run", str(run), "-q", "--set", "validate.max_flash_kb=1")
+    assert flash.exit_code == 1, flash.output
+    last = flash.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "student_mcu.tflite (tflm): flash" in last
+    assert "> 1 KB (validate.max_flash_kb)" in last and "RAM" not in last
+    ram = _cli("validate", "--run", str(run), "-q", "--set", "validate.max_ram_kb=1")
+    assert ram.exit_code == 1 and "RAM" in ram.output and "(validate.max_ram_kb)" in ram.output
+
+
+def test_report_shows_flash_ram_and_boards(mcu_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mcu_run, run)
+    assert _cli("validate", "--run", str(run), "-q").exit_code == 0
+    res = _cli("report", "--run", str(run))
+    assert res.exit_code == 0, res.output
+    md = (run / "report.md").read_text()
+    m = next(e["mcu"] for e in json.loads((run / "metadata.json").read_text())["models"] if "mcu" in e)
+    assert "## Microcontrollers (TensorFlow Lite Micro)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| student_mcu.tflite") and "uint8" in line)
+    assert f"| {m['arena_min_bytes'] / 1024:.1f} |" in row and "Arduino Nano 33 BLE Sense" in row
+    assert "| Arduino Uno R4 Minima | Renesas RA4M1 | 256 | 32 |" in md
+
+
+def test_bundle_carries_the_firmware(mcu_run, tmp_path):
+    from edgekd.bundle import make_bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(mcu_run, run)
+    out = make_bundle(run)
+    for name in ("student_model_data.cc", "student_ops.h", "student_settings.h", "README.md"):
+        assert (out / "mcu" / name).read_bytes() == (run / "mcu" / name).read_bytes()
+    assert (out / "student_mcu.tflite").is_file()
+
+
+def test_mcu_target_without_int8_is_one_line_exit_2(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    _set_export(run, formats=["tflite", "mcu"], quantize=["fp16"])
+    res = _cli("export", "--run", str(run))
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: the MCU target needs the static int8 TFLite file") and "export.quantize" in last
+    assert "Traceback" not in res.output and not (run / "student_mcu.tflite").exists()
+    assert not (run / "mcu").exists()
+
+
+GELU_FACTORY = '''
+from torch import nn
+
+def net(input_shape, num_classes):
+    n = 1
+    for s in input_shape:
+        n *= s
+    return nn.Sequential(nn.Flatten(), nn.Linear(n, 16), nn.GELU(), nn.Linear(16, num_classes))
+'''
+
+
+def test_operator_tflm_lacks_is_one_line_exit_2(tiny_run, tmp_path):
+    """A real student with GELU: LiteRT has a quantized GELU kernel, TFLM has none."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import TINY_RECIPE, write_recipe
+
+    from edgekd.distill import run_distill
+    from edgekd.recipe import load_recipe
+
+    (tmp_path / "gelu_net.py").write_text(GELU_FACTORY)
+    teacher = dict(TINY_RECIPE["teacher"], checkpoint=str(tiny_run / "teacher.pt"))
+    recipe = write_recipe(tmp_path / "r.yaml", name="gelu", teacher=teacher,
+                          student={"model": f"{tmp_path / 'gelu_net.py'}:net", "kwargs": {}},
+                          distill={"epochs": 1, "baseline": False})
+    run = run_distill(load_recipe(recipe), out=tmp_path / "exported", quiet=True).path
+    _set_export(run, formats=["tflite", "mcu"], quantize=["int8"])
+    res = _cli("export", "--run", str(run))
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: student_int8.tflite uses operator GELU, which TensorFlow Lite Micro does not have")
+    assert not (run / "student_mcu.tflite").exists()

@@ -93,13 +93,24 @@ def check_mcu_model(data: bytes, what: str) -> list[str]:
     fb, _ = _fb()
     model = _read(data)
     types = _names(fb.TensorType)
+    ops_names = _names(fb.BuiltinOperator)
     for sg in model.subgraphs:
-        for t in sg.tensors:
-            kind = types.get(t.type, str(t.type))
-            if kind not in _INTEGER_TYPES:
-                name = (t.name or b"").decode(errors="replace")[:60] or "(unnamed)"
-                raise ExportError(f"{what} is not full-integer: tensor {name} is {kind.lower()}",
-                                  "the MCU target needs the static int8 file: add int8 to export.quantize")
+        floats = [i for i, t in enumerate(sg.tensors) if types.get(t.type, str(t.type)) not in _INTEGER_TYPES]
+        if not floats:
+            continue
+        t = sg.tensors[floats[0]]
+        kind = types.get(t.type, str(t.type)).lower()
+        if all(types.get(x.type) not in ("INT8", "UINT8") for x in sg.tensors):
+            raise ExportError(f"{what} is a float model ({kind}), not full-integer",
+                              "the MCU target needs the static int8 TFLite file: add int8 to export.quantize")
+        maker = next((op for op in sg.operators if floats[0] in list(op.outputs)), None)
+        user = next((op for op in sg.operators if floats[0] in list(op.inputs)), None)
+        around = ", ".join(sorted({ops_names.get(max(model.operatorCodes[o.opcodeIndex].builtinCode,
+                                                         model.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode), "?")
+                                   for o in (maker, user) if o is not None}))
+        name = (t.name or b"").decode(errors="replace")[:60] or f"#{floats[0]}"
+        raise ExportError(f"{what} is not full-integer: tensor {name} is {kind} (around {around or 'no operator'})",
+                          "the quantizer left that part in float; change the model so it avoids that operator")
     ops = model_ops(data)
     known = tflm_ops()
     for op in ops:
@@ -240,8 +251,10 @@ def write_mcu(int8_path: Path, out_path: Path, io_type: str = "int8") -> list[st
     Raises:
         ExportError: The int8 file is not full-integer or uses an operator TFLM lacks (nothing is written).
     """
-    data = mcu_bytes(Path(int8_path).read_bytes(), io_type)
-    ops = check_mcu_model(data, Path(int8_path).name)
+    source = Path(int8_path).read_bytes()
+    # Checked with the tensor names kept, so an error can name the tensor; the file is written without them.
+    ops = check_mcu_model(mcu_bytes(source, io_type, keep_names=True), Path(int8_path).name)
+    data = mcu_bytes(source, io_type)
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
     return ops
