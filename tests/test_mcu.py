@@ -217,10 +217,14 @@ def test_accuracy_mismatch_names_file_and_difference():
 def _set_export(run: Path, **export) -> None:
     import yaml
 
+    from edgekd.run_dir import RunDir
+
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     # The tiny run's 3-epoch width-2 student is barely above chance: its int8 agreement measures noise.
     recipe["export"] = {"tolerance": {"min_agreement": 0.9, "max_accuracy_drop": 0.05}, "teacher": False, **export}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    # As if the run had been made with this recipe (validate checks recipe.yaml against the manifest).
+    RunDir(run).record_artifacts("recipe.yaml")
 
 
 def _cli(*args: str):
