@@ -387,11 +387,24 @@ def mcu_tables(models: list[dict[str, Any]]) -> list[tuple[str, list[str], list[
         fit_rows += [[e["file"], b["name"], b["mcu"], str(b["flash_kb"]), str(b["ram_kb"]),
                       f"{100 * b['flash_share']:.1f}%", f"{100 * b['ram_share']:.1f}%", "yes" if b["fits"] else "no"]
                      for b in fit]
+    est_rows = []
+    for e in files:
+        v = e["mcu"].get("ethos_u_estimate")
+        if isinstance(v, dict) and "cycles" in v:
+            est_rows.append([e["file"], v["accelerator"], v["system_config"], f"{v['clock_hz'] / 1e6:.0f}",
+                             str(v["cycles"]), f"{v['inference_ms']:.4f}", f"{v['sram_kb']:.2f}",
+                             f"{v['flash_kb']:.2f}", f"{v['npu_ops']} / {v['cpu_ops']}", v["tool"]])
+        elif isinstance(v, dict):
+            est_rows.append([e["file"], v.get("accelerator", "?"), "-", "-", "-", "-", "-", "-", "-",
+                             f"{v.get('tool', 'vela')}: {v.get('error', 'no estimate')}"])
+    estimate = [("Arm Ethos-U NPU: Vela's estimate (a performance model, not a measurement)",
+                 ["file", "accelerator", "system", "MHz", "cycles", "ms", "SRAM KB", "flash KB", "NPU / CPU ops",
+                  "tool"], est_rows)] if est_rows else []
     return [("Microcontrollers (TensorFlow Lite Micro)",
              ["file", "flash KB (model)", "arena KB (measured)", "RAM KB (arena reserved)", "TFLM accuracy",
               "LiteRT accuracy", "input", "ops", "fits"], rows),
             ("Boards: share of flash and RAM the model takes (the TFLM library and the app come on top)",
-             ["file", "board", "MCU", "flash KB", "RAM KB", "flash used", "RAM used", "fits"], fit_rows)]
+             ["file", "board", "MCU", "flash KB", "RAM KB", "flash used", "RAM used", "fits"], fit_rows)] + estimate
 
 
 def _load_note(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:

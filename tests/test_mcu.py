@@ -292,6 +292,9 @@ def test_report_shows_flash_ram_and_boards(mcu_run, tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| student_mcu.tflite") and "uint8" in line)
     assert f"| {m['arena_min_bytes'] / 1024:.1f} |" in row and "Arduino Nano 33 BLE Sense" in row
     assert "| Arduino Uno R4 Minima | Renesas RA4M1 | 256 | 32 |" in md
+    if "ethos_u_estimate" in m:  # with ethos-u-vela installed (the test extra has it)
+        assert "Vela's estimate (a performance model, not a measurement)" in md
+        assert f"| {m['ethos_u_estimate']['cycles']} |" in md
 
 
 def test_bundle_carries_the_firmware(mcu_run, tmp_path):
@@ -350,3 +353,17 @@ def test_operator_tflm_lacks_is_one_line_exit_2(tiny_run, tmp_path):
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("error: student_int8.tflite uses operator GELU, which TensorFlow Lite Micro does not have")
     assert not (run / "student_mcu.tflite").exists()
+
+
+def test_vela_estimates_the_mcu_file_for_ethos_u55(mcu_file):
+    from edgekd.export.vela import vela_available, vela_estimate
+
+    if not vela_available():
+        pytest.skip("ethos-u-vela is not installed")
+    path, _, _ = mcu_file
+    est = vela_estimate(path)
+    assert est["estimate"] is True and est["accelerator"] == "Ethos_U55_128"
+    # Every operator of the small CNN maps to the NPU; the fp32 file has nothing Vela can put there.
+    assert est["cycles"] > 0 and est["npu_ops"] > 0 and est["cpu_ops"] == 0
+    fp32 = vela_estimate(path.parent / "student_fp32.tflite")
+    assert fp32["npu_ops"] == 0 and fp32["cpu_ops"] > 0

@@ -369,6 +369,11 @@ def export_mcu(run_path: Path, int8_entry: dict[str, Any] | None, io_type: str, 
         raise
     mcu = {**result.as_dict(), "flash_bytes": entry["size_bytes"], "ram_bytes": result.arena_firmware_bytes,
            "runtime": tflm_version(), "firmware": [str(f.relative_to(run_path)) for f in files]}
+    from edgekd.export.vela import vela_estimate
+
+    estimate = vela_estimate(path)  # None without ethos-u-vela: the estimate is optional
+    if estimate is not None:
+        mcu["ethos_u_estimate"] = estimate
     entry.update(target="mcu", verified=True, mcu=mcu)
     entry["tool_versions"] = {**entry.get("tool_versions", {}), "tflite-micro": tflm_version().split()[-1]}
     metrics = {"model": entry["model"], "format": "tflite", "target": "mcu", "precision": "int8",
