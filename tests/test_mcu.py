@@ -237,11 +237,11 @@ def _cli(*args: str):
 
 @pytest.fixture(scope="module")
 def mcu_run(tiny_run, tmp_path_factory) -> Path:
-    """The tiny run exported by `edgekd export` with formats tflite + mcu and uint8 MCU I/O."""
+    """The tiny run exported by `edgekd export --mcu` (int8 TFLite + MCU file, uint8 MCU I/O)."""
     run = tmp_path_factory.mktemp("mcu-cli") / "run"
     shutil.copytree(tiny_run, run)
-    _set_export(run, formats=["tflite", "mcu"], quantize=["int8"], mcu_io="uint8")
-    res = _cli("export", "--run", str(run))
+    _set_export(run, formats=["onnx"], quantize=["int8"], mcu_io="uint8")
+    res = _cli("export", "--run", str(run), "--mcu")
     assert res.exit_code == 0, res.output
     return run
 
@@ -311,8 +311,8 @@ def test_bundle_carries_the_firmware(mcu_run, tmp_path):
 def test_mcu_target_without_int8_is_one_line_exit_2(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    _set_export(run, formats=["tflite", "mcu"], quantize=["fp16"])
-    res = _cli("export", "--run", str(run))
+    _set_export(run, formats=["onnx"], quantize=["fp16"])
+    res = _cli("export", "--run", str(run), "--mcu")
     assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("error: the MCU target needs the static int8 TFLite file") and "export.quantize" in last
