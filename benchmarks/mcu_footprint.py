@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.export.mcu import export_mcu
-from edgekd.runtimes.tflm import board_fit
+from edgekd.runtimes.boards import board_fit
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -375,7 +375,7 @@ def mcu_tables(models: list[dict[str, Any]]) -> list[tuple[str, list[str], list[
     Board figures are the datasheets' (``edgekd/runtimes/boards.json``); the TFLM library and the application
     come on top of the model's share.
     """
-    from edgekd.runtimes.tflm import board_fit
+    from edgekd.runtimes.boards import board_fit
 
     files = [e for e in models if isinstance(e.get("mcu"), dict)]
     if not files:

@@ -367,3 +367,15 @@ def test_vela_estimates_the_mcu_file_for_ethos_u55(mcu_file):
     assert est["cycles"] > 0 and est["npu_ops"] > 0 and est["cpu_ops"] == 0
     fp32 = vela_estimate(path.parent / "student_fp32.tflite")
     assert fp32["npu_ops"] == 0 and fp32["cpu_ops"] > 0
+
+
+def test_board_fit_uses_the_datasheet_table():
+    from edgekd.runtimes.boards import board_fit, boards
+
+    table = {b["name"]: b for b in boards()}
+    assert table["Arduino Nano 33 BLE Sense"]["flash_kb"] == 1024 and table["Arduino Nano 33 BLE Sense"]["ram_kb"] == 256
+    fit = {b["name"]: b for b in board_fit(200 * 1024, 40 * 1024)}
+    assert not fit["Arduino Uno R4 Minima"]["fits"]  # 32 KB of RAM < 40 KB arena
+    assert fit["Arduino Uno R4 Minima"]["ram_share"] == pytest.approx(1.25)
+    assert fit["nRF52832 DK"]["fits"] and fit["ESP32-S3-DevKitC-1 (N8)"]["fits"]
+    assert not any(b["fits"] for b in board_fit(64 << 20, 1024))  # 64 MB of flash fits no board listed

@@ -122,8 +122,6 @@ def check_mcu_model(data: bytes, what: str) -> list[str]:
 
 def _strip_boundary(model, fb) -> None:
     """Take off QUANTIZE/DEQUANTIZE ops between the graph boundary and int8 tensors (float or uint8 I/O)."""
-    from edgekd.export.tflite import IO_SUFFIX
-
     sg = model.subgraphs[0]
 
     def code(op) -> int:
