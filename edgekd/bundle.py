@@ -119,6 +119,12 @@ def _files_to_copy(run_dir: Path, meta: dict) -> list[str]:
             raise BundleFileChanged(f"{path} differs from the sha256 in metadata.json: it was changed or damaged",
                                     "export the run again", files=[rel])
         files.append(rel)
+        # An MCU file's firmware sources (mcu/ in the run) travel with it.
+        firmware = entry.get("mcu", {}).get("firmware", []) if isinstance(entry.get("mcu"), dict) else []
+        for fw in firmware:
+            if not isinstance(fw, str) or Path(fw).is_absolute() or ".." in Path(fw).parts:
+                raise BundleError(f"metadata.json has an invalid firmware file for {rel}: {fw!r}")
+            (files if (run_dir / fw).is_file() else missing).append(fw)
         if path.suffix.lower() == ".onnx":
             for data_rel in _onnx_external_files(path):
                 data_path = path.parent / data_rel

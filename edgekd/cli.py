@@ -230,6 +230,9 @@ def _export_section(run: str | None, out: str, overrides: tuple[str, ...], comma
 @_export_options
 @click.option("--onnx", "onnx_", is_flag=True, help="Write ONNX files (no format flag: both formats).")
 @click.option("--tflite", "tflite_", is_flag=True, help="Write TFLite files (no format flag: both formats).")
+@click.option("--mcu", "mcu_", is_flag=True,
+              help="Also write <model>_mcu.tflite and the firmware sources in RUN/mcu/ for TensorFlow Lite Micro "
+                   "(made from the int8 TFLite file: implies --tflite).")
 @click.option("--format", "format_names", multiple=True, metavar="NAME",
               help="Write this format, any registered export backend (repeatable; --onnx = --format onnx).")
 @click.option("--quantize", "quantize", default=None, metavar="LIST",
@@ -237,8 +240,8 @@ def _export_section(run: str | None, out: str, overrides: tuple[str, ...], comma
 @click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
 @click.option("--no-teacher", is_flag=True, help="Do not export the teacher (fp32) for comparison.")
 def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
-               overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, format_names: tuple[str, ...],
-               quantize: str | None,
+               overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, mcu_: bool,
+               format_names: tuple[str, ...], quantize: str | None,
                nhwc: bool | None, no_teacher: bool) -> None:
     """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
 
@@ -249,7 +252,8 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
     from edgekd.export import run_export, summary_table
 
     rd, cfg = _export_section(run, out, overrides, "export")
-    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_)) if on] + list(format_names) or None
+    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_ or mcu_), ("mcu", mcu_)) if on] + list(format_names)
+    formats = list(dict.fromkeys(formats)) or None
     report = run_export(rd, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
                         verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False)

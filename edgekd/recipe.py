@@ -127,10 +127,11 @@ class ExportTolerance(_Section):
 
 class ExportConfig(_Section):
     formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite"],
-                               description="onnx, tflite or any registered export backend (checked by the export)")
+                               description="onnx, tflite, mcu (TensorFlow Lite Micro, from the int8 TFLite file) or any registered export backend (checked by the export)")
     quantize: list[Literal["fp16", "int8", "dynamic"]] = Field(default_factory=lambda: ["int8"])
     nhwc: bool = False
     int8_io: Literal["float32", "int8", "uint8"] = "float32"
+    mcu_io: Literal["int8", "uint8"] = Field("int8", description="inputs/outputs of the MCU file")
     calibration_samples: int = Field(256, gt=0)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     teacher: bool = Field(True, description="also export the teacher (fp32) for comparison")
@@ -151,6 +152,9 @@ class ValidateConfig(_Section):
     max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1, description="vs the teacher, absolute")
     max_p50_ms: Optional[float] = Field(None, gt=0)
     max_size_kb: Optional[float] = Field(None, gt=0)
+    max_flash_kb: Optional[float] = Field(None, gt=0, description="MCU files: the model array in flash")
+    max_ram_kb: Optional[float] = Field(None, gt=0, description="MCU files: the tensor arena the firmware reserves "
+                                                               "(input and output tensors included)")
     scope: Literal["any", "all"] = Field("any", description="any: at least one student variant meets every budget "
                                                            "(it is recommended); all: every student variant must")
 

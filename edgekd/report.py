@@ -23,7 +23,7 @@ from edgekd.errors import DataError, RunDirError
 from edgekd.recipe import ValidateConfig, merge_section
 from edgekd.results import (BenchReport, BudgetCheck, Recommendation, ReportResult, ReportSummary, ValidationResult,
                             check_budgets, recommend)
-from edgekd.run_dir import RunDir, atomic_path, write_text_atomic
+from edgekd.run_dir import RunDir, atomic_path, read_json, write_text_atomic
 
 STAGE = "report"
 PLOTS_DIR = "report_plots"
@@ -369,6 +369,48 @@ def _tables(validation: dict[str, Any], bench: dict[str, Any], device_rows: list
     return out
 
 
+def mcu_tables(models: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Flash and RAM of every MCU file (metadata.json entries with an ``mcu`` block) and the boards it fits.
+
+    Board figures are the datasheets' (``edgekd/runtimes/boards.json``); the TFLM library and the application
+    come on top of the model's share.
+    """
+    from edgekd.runtimes.boards import board_fit
+
+    files = [e for e in models if isinstance(e.get("mcu"), dict)]
+    if not files:
+        return []
+    rows, fit_rows = [], []
+    for e in files:
+        m = e["mcu"]
+        fit = board_fit(m["flash_bytes"], m["ram_bytes"])
+        rows.append([e["file"], f"{m['flash_bytes'] / 1024:.1f}", f"{m['arena_min_bytes'] / 1024:.1f}",
+                     f"{m['ram_bytes'] / 1024:.1f}", _f(m.get("tflm_accuracy")), _f(m.get("litert_accuracy")),
+                     f"{e['input']['dtype']} {e['input']['shape']}", str(len(m.get("ops", []))),
+                     ", ".join(b["name"] for b in fit if b["fits"]) or "none of the listed boards"])
+        fit_rows += [[e["file"], b["name"], b["mcu"], str(b["flash_kb"]), str(b["ram_kb"]),
+                      f"{100 * b['flash_share']:.1f}%", f"{100 * b['ram_share']:.1f}%", "yes" if b["fits"] else "no"]
+                     for b in fit]
+    est_rows = []
+    for e in files:
+        v = e["mcu"].get("ethos_u_estimate")
+        if isinstance(v, dict) and "cycles" in v:
+            est_rows.append([e["file"], v["accelerator"], v["system_config"], f"{v['clock_hz'] / 1e6:.0f}",
+                             str(v["cycles"]), f"{v['inference_ms']:.4f}", f"{v['sram_kb']:.2f}",
+                             f"{v['flash_kb']:.2f}", f"{v['npu_ops']} / {v['cpu_ops']}", v["tool"]])
+        elif isinstance(v, dict):
+            est_rows.append([e["file"], v.get("accelerator", "?"), "-", "-", "-", "-", "-", "-", "-",
+                             f"{v.get('tool', 'vela')}: {v.get('error', 'no estimate')}"])
+    estimate = [("Arm Ethos-U NPU: Vela's estimate (a performance model, not a measurement)",
+                 ["file", "accelerator", "system", "MHz", "cycles", "ms", "SRAM KB", "flash KB", "NPU / CPU ops",
+                  "tool"], est_rows)] if est_rows else []
+    return [("Microcontrollers (TensorFlow Lite Micro)",
+             ["file", "flash KB (model)", "arena KB (measured)", "RAM KB (arena reserved)", "TFLM accuracy",
+              "LiteRT accuracy", "input", "ops", "fits"], rows),
+            ("Boards: share of flash and RAM the model takes (the TFLM library and the app come on top)",
+             ["file", "board", "MCU", "flash KB", "RAM KB", "flash used", "RAM used", "fits"], fit_rows)] + estimate
+
+
 def _load_note(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     """Say how busy the machine was: latencies measured next to other work are noisier and slower."""
     loads = [r["loadavg_1m"] for r in rows if isinstance(r.get("loadavg_1m"), (int, float))]
@@ -422,6 +464,11 @@ class Analysis:
     quant: list[dict[str, Any]]
     points: list[dict[str, Any]] = field(default_factory=list)  # accuracy vs latency, one per file and runtime
     front: list[int] = field(default_factory=list)  # indices of ``points`` on the Pareto front
+    mcu_files: list[dict[str, Any]] = field(default_factory=list)  # metadata.json entries of MCU files
+
+    def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
+        """Every table of the report: accuracy, latency, devices, then microcontrollers."""
+        return _tables(self.validation, self.bench, self.device_rows) + mcu_tables(self.mcu_files)
 
 
 def _speed_of(bench_rows: list[dict[str, Any]], rec: Recommendation, teacher_acc: float | None
@@ -463,7 +510,15 @@ def analyse(rd: RunDir, device_rows: list[dict[str, Any]], budgets: ValidateConf
     return Analysis(name=rd.name, metrics=metrics, validation=v, bench=b, device_rows=device_rows,
                     recommendation=rec, check=check, speed=_speed_of(b["rows"], rec, teacher_acc),
                     quant=quantization_findings(b["rows"]), points=points,
-                    front=pareto_front([(p["p50_ms"], p["test_accuracy"]) for p in points]))
+                    front=pareto_front([(p["p50_ms"], p["test_accuracy"]) for p in points]),
+                    mcu_files=_mcu_entries(rd))
+
+
+def _mcu_entries(rd: RunDir) -> list[dict[str, Any]]:
+    """metadata.json entries of the run's MCU files (with their flash, arena and TFLM figures)."""
+    path = rd / "metadata.json"
+    models = read_json(path).get("models", []) if path.is_file() else []
+    return [e for e in models if isinstance(e, dict) and isinstance(e.get("mcu"), dict)]
 
 
 # -- the summary sentences (Markdown; the HTML renders the same text) -------------------------------------
@@ -523,7 +578,8 @@ def _distill_lines(m: dict[str, Any]) -> list[str]:
 
 def _budget_lines(check: BudgetCheck) -> list[str]:
     if not check.any_set:
-        return ["Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb` to the recipe's "
+        return ["Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb`, `max_flash_kb`, "
+                "`max_ram_kb` to the recipe's "
                 "`validate` section to gate on them)."]
     named = ", ".join(f"{k} = {v:g}" for k, v in check.budgets.items() if v is not None)
     if check.ok:
@@ -583,7 +639,7 @@ def render_markdown(a: Analysis, lines: list[str], plots: Plots, plot_files: dic
     setup = setup_line(a.bench)
     md = [f"# edgekd report: {a.name}", ""] + ([setup, ""] if setup else [])
     md += ["## Summary", ""] + [f"- {line}" for line in lines] + [""]
-    for title, headers, rows in _tables(a.validation, a.bench, a.device_rows):
+    for title, headers, rows in a.tables():
         md += [f"## {title}", "", _md_table(headers, rows), ""]
     md += ["## Plots", ""]
     for key, (title, png) in plots.items():
@@ -604,7 +660,7 @@ def render_html(a: Analysis, lines: list[str], plots: Plots) -> str:
         cls = " class='fail'" if "FAILED" in line else ""
         h.append(f"<li{cls}>{_md_to_html_inline(line)}</li>")
     h.append("</ul>")
-    for title, headers, rows in _tables(a.validation, a.bench, a.device_rows):
+    for title, headers, rows in a.tables():
         # Wide tables scroll inside their own box instead of widening the page.
         h.append(f"<h2>{html.escape(title)}</h2><div class='scroll'><table><tr>"
                  + "".join(f"<th>{html.escape(c)}</th>" for c in headers) + "</tr>")

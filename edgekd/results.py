@@ -347,7 +347,7 @@ class BudgetCheck(Record):
         raise CheckFailed("no student variant meets every budget: " + "; ".join(self.failures))
 
 
-_BUDGET_KEYS = ("max_accuracy_drop", "max_p50_ms", "max_size_kb")
+_BUDGET_KEYS = ("max_accuracy_drop", "max_p50_ms", "max_size_kb", "max_flash_kb", "max_ram_kb")
 
 
 def candidates(validation: ValidationResult, bench: BenchReport) -> list[Candidate]:
@@ -451,7 +451,36 @@ def check_budgets(validation: ValidationResult, bench: BenchReport, budgets: Val
     check.ok = not failing if check.scope == "all" else len(failing) < len(judged)
     if not check.ok:
         check.failures = [f"{c.file} ({c.runtime}): {', '.join(broke)}" for c, broke in failing]
+    mcu = mcu_budget_failures(validation, spec["max_flash_kb"], spec["max_ram_kb"])
+    if mcu:
+        check.ok, check.failures = False, check.failures + mcu
     return check
+
+
+def mcu_budget_failures(validation: ValidationResult, max_flash_kb: float | None,
+                        max_ram_kb: float | None) -> list[str]:
+    """What every MCU file of the run breaks of ``validate.max_flash_kb`` / ``max_ram_kb`` (whatever the scope).
+
+    Flash is the model array (the MCU file); RAM the tensor arena the firmware reserves (TFLM keeps the input
+    and output tensors inside it).
+    """
+    if max_flash_kb is None and max_ram_kb is None:
+        return []
+    files = {r.file: r.extra["mcu"] for r in validation.rows if isinstance(r.extra.get("mcu"), dict)}
+    if not files:
+        return ["validate.max_flash_kb/max_ram_kb are set, but the run has no MCU file "
+                "(add mcu to export.formats, then run `edgekd export` and `edgekd validate` again)"]
+    out = []
+    for name, m in files.items():
+        broke = []
+        if max_flash_kb is not None and m["flash_bytes"] / 1024 > max_flash_kb:
+            broke.append(f"flash {m['flash_bytes'] / 1024:.1f} KB > {max_flash_kb:g} KB (validate.max_flash_kb)")
+        if max_ram_kb is not None and m["ram_bytes"] / 1024 > max_ram_kb:
+            broke.append(f"RAM {m['ram_bytes'] / 1024:.1f} KB (tensor arena) > {max_ram_kb:g} KB "
+                         "(validate.max_ram_kb)")
+        if broke:
+            out.append(f"{name} (tflm): {', '.join(broke)}")
+    return out
 
 
 # -- report -----------------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ def _validate_one(rd: RunDir, t: ModelTarget, x: np.ndarray, y: np.ndarray, num_
                         precision=t.precision, **_classification(pred, y, num_classes),
                         agreement_teacher=agree.get("teacher"), agreement_student_fp32=agree.get("student"),
                         size_bytes=rd.model_size(t.file), n_eval=int(len(y)), seconds=round(seconds, 3))
+    if isinstance(t.entry.get("mcu"), dict):  # an MCU file: what it takes on the board (export measured it)
+        row.extra["mcu"] = {k: t.entry["mcu"].get(k) for k in ("flash_bytes", "ram_bytes", "arena_min_bytes")}
     log.info(f"{t.file:32s} {t.runtime:12s} acc {row.test_accuracy:.4f}  f1 {row.f1_macro:.4f}  "
              f"agree(teacher) {_fmt(row.agreement_teacher)}  agree(student fp32) {_fmt(row.agreement_student_fp32)}")
     return row

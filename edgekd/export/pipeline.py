@@ -31,6 +31,9 @@ from edgekd.recipe import ExportConfig, Recipe
 from edgekd.run_dir import METRICS, RunDir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 
 QUANT_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")
+# Formats made from another format's file rather than by a backend: mcu (TensorFlow Lite Micro) is the verified
+# int8 TFLite file with integer I/O and without tensor names (edgekd.export.mcu).
+DERIVED_FORMATS = ("mcu",)
 # Samples run through both files when looking for the first diverging layer (every tensor is kept).
 _LAYER_SAMPLES = 32
 
@@ -337,6 +340,32 @@ class _Exporter:
             where = f"; {div.describe()}" if div is not None else ""
             self.r.problems.append(f"{path.name}: {problem}{where}")
         self._finish_file(path, entry, target, precision, numbers, problem, extra)
+    def export_mcu(self, target: Target) -> None:
+        """Write ``<target>_mcu.tflite`` and the firmware sources from the int8 TFLite file just written."""
+        from edgekd.export.mcu import export_mcu
+
+        s = self.s
+        int8 = next((e for e in self.entries if e["file"] == f"{target.name}_int8.tflite"), None)
+        try:
+            entry, metrics = export_mcu(s.rd.path, int8, s.cfg.mcu_io, s.x, s.y, s.rd.name)
+        except CheckFailed as e:
+            self.r.problems.append(str(e))
+            s.log(f"{target.name}_mcu.tflite: {e}")
+            return
+        except ExportError as e:
+            self.r.failures.append(str(e))
+            s.log(f"{target.name}_mcu.tflite not written: {e}")
+            return
+        self.entries.append(entry)
+        self.r.files.extend([entry["file"], *entry["mcu"]["firmware"]])
+        all_metrics = s.rd.metrics()
+        all_metrics[entry["file"]] = metrics
+        write_json_atomic(s.rd / METRICS, all_metrics)
+        m = entry["mcu"]
+        s.log(f"{entry['file']:28s} {_fmt_size(entry['size_bytes']):>9s}  TFLM accuracy {m['tflm_accuracy']:.4f} "
+              f"(LiteRT {m['litert_accuracy']:.4f}), arena {m['arena_min_bytes']} B "
+              f"(firmware {m['arena_firmware_bytes']} B)  ok [{entry['route']}]")
+
 
 def _remove(path: Path) -> None:
     try:
@@ -372,7 +401,8 @@ def check_formats(formats: list[str]) -> None:
         ExportError: An unknown format, with the closest registered name as hint.
     """
     for name in formats:
-        get_backend(name)
+        if name not in DERIVED_FORMATS:
+            get_backend(name)
 
 
 def _record(rd: RunDir, stage: str, report: ExportReport, session: _Session, entries: list[dict[str, Any]],
@@ -488,6 +518,8 @@ def _export_targets(rd: RunDir, cfg: ExportConfig, log: Log) -> list[Target]:
 def _export_all(exporter: "_Exporter", cfg: ExportConfig, targets: list[Target]) -> None:
     """Every format: the fp32 file of each target, then the quantized files of the student."""
     for fmt in cfg.formats:
+        if fmt in DERIVED_FORMATS:
+            continue
         for target in targets:
             written = exporter.export_fp32(target, fmt)
             if not written or target.name == "teacher":
@@ -495,6 +527,9 @@ def _export_all(exporter: "_Exporter", cfg: ExportConfig, targets: list[Target])
             fp32_entry = exporter.entries[-1]
             for precision in cfg.quantize:
                 exporter.quantize(target, fmt, precision, fp32_entry)
+    if "mcu" in cfg.formats:  # made from the student's int8 TFLite file written above
+        student = next(t for t in targets if t.name != "teacher")
+        exporter.export_mcu(student)
 
 
 def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.PathLike = "exported", *,
