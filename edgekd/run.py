@@ -143,6 +143,10 @@ def _check_early(recipe: Recipe, devices: list[str | Path]) -> None:
 
     for f in devices:
         load_device_results(f)
+    if recipe.export is not None:
+        from edgekd.export import check_formats
+
+        check_formats(list(recipe.export.formats))  # an unknown format name, with the closest one as hint
     if recipe.bench is not None:
         try:
             parse_threads(recipe.bench.threads)
