@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from edgekd.data import DataBundle
-from edgekd.distill import distributed
+from edgekd.data.augment import Augmenter
+from edgekd.distill import distributed, teacher_cache
 from edgekd.errors import CheckpointError, TrainingError
 from edgekd.recipe import TrainConfig
 from edgekd.run_dir import atomic_path
@@ -36,6 +38,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = float("nan")
     peer: "TrainResult | None" = None  # the co-trained teacher of online distillation
+    teacher_cache: dict[str, Any] | None = None  # facts about the augmented-teacher cache, when one was used
 
     @property
     def epoch_seconds(self) -> list[float]:
@@ -76,19 +79,6 @@ def evaluate(model: nn.Module, data: DataBundle, split: str = "test", batch_size
     return classification_metrics(logits.argmax(1).numpy(), labels.numpy(), data.num_classes)
 
 
-def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    if kind == "none":
-        return x
-    if kind == "flip":
-        flip = torch.rand(len(x), generator=gen) < 0.5
-        return torch.where(flip[:, None, None, None], x.flip(-1), x)
-    # "shift": translate each image by up to 2 px in each direction (zero fill).
-    shifts = torch.randint(-2, 3, (len(x), 2), generator=gen)
-    padded = nn.functional.pad(x, (2, 2, 2, 2))
-    h, w = x.shape[-2:]
-    return torch.stack([padded[i, :, 2 + dy: 2 + dy + h, 2 + dx: 2 + dx + w] for i, (dy, dx) in enumerate(shifts.tolist())])
-
-
 def _optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if extra is not None:  # trainable parts of the loss (FitNets projections) learn with the model
@@ -105,6 +95,11 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if cfg.scheduler == "warmup_cosine":  # linear warm-up, then cosine decay to 0
+        warm = int(round(cfg.warmup * total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: (i + 1) / warm if i < warm
+            else 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total_steps - warm)))))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -117,6 +112,9 @@ class _Member:
         self.sched = _scheduler(self.opt, cfg, total_steps)
         self.history: list[dict[str, Any]] = []
         self.best_val, self.best_epoch, self.best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+        # EMA of the weights (and BatchNorm buffers): validated, kept as "best" and saved instead of the raw ones.
+        self.ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+            cfg.ema), use_buffers=True) if getattr(cfg, "ema", None) else None)
         self.total, self.count = 0.0, 0
 
     def params(self) -> list[torch.Tensor]:
@@ -126,7 +124,8 @@ class _Member:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "history": self.history, "best_val": self.best_val,
-                "best_epoch": self.best_epoch, "best_model": self.best_state}
+                "best_epoch": self.best_epoch, "best_model": self.best_state,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -135,6 +134,8 @@ class _Member:
         self.history = state["history"]
         self.best_val, self.best_epoch = float(state["best_val"]), int(state["best_epoch"])
         self.best_state = state["best_model"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
     def step(self, loss: torch.Tensor, cfg: TrainConfig, scaler=None) -> None:
         distributed.sync_grads(self.extra)  # loss projections live outside DDP
@@ -148,15 +149,18 @@ class _Member:
         else:
             self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     def end_epoch(self, data: DataBundle, epoch: int, seconds: float) -> dict[str, Any]:
         distributed.sync_buffers(self.model)  # BatchNorm statistics of rank 0 everywhere: same val, same best
-        val_acc = evaluate(self.model, data, "val")["test_accuracy"]
+        judged = self.ema.module if self.ema is not None else self.model
+        val_acc = evaluate(judged, data, "val")["test_accuracy"]
         row = {"model": self.role, "epoch": epoch + 1, "train_loss": distributed.global_mean(self.total, self.count),
                "val_accuracy": val_acc, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
         self.history.append(row)
         if val_acc > self.best_val:
-            self.best_val, self.best_epoch, self.best_state = val_acc, epoch + 1, copy.deepcopy(self.model.state_dict())
+            self.best_val, self.best_epoch, self.best_state = val_acc, epoch + 1, copy.deepcopy(judged.state_dict())
         self.total, self.count = 0.0, 0
         return row
 
@@ -177,7 +181,8 @@ def _check_finite(loss: torch.Tensor, role: str, epoch: int, state_path: Path) -
 def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn: nn.Module, *, seed: int,
         state_path: Path, teacher: nn.Module | None = None, cache_teacher: bool = True, resume: bool = False,
         quiet: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        train_teacher: bool = False, teacher_role: str = "teacher") -> TrainResult:
+        train_teacher: bool = False, teacher_role: str = "teacher", augment_seed: int | None = None,
+        views_cache: Path | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs, keeping the weights with the best validation accuracy.
 
     Args:
@@ -200,6 +205,9 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
             with the same settings and the same loss, mirrored (``loss_fn(teacher_logits, student_logits, y)``).
             Its result is ``TrainResult.peer``.
         teacher_role: Name of the teacher in history rows when ``train_teacher``.
+        augment_seed: Seed of the augmented views (default ``seed``); prune fine-tuning passes the run's seed
+            so that it replays the distill stage's teacher cache.
+        views_cache: Folder of the augmented-teacher cache (default: next to ``state_path``).
 
     Raises:
         TrainingError: The loss became NaN or infinite; the previous epoch's checkpoint is kept.
@@ -256,10 +264,20 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
     # Wrapped after resuming: DDP broadcasts rank 0's weights, so every rank starts from the same state.
     ddp_model = distributed.wrap(model, amp)
     ddp_peer = distributed.wrap(teacher) if peer is not None else teacher
-    cached = None
-    if (teacher is not None and peer is None and not use_features and cache_teacher and data.augment == "none"
-            and start_epoch < cfg.epochs):
-        cached, _ = predict_logits(teacher, data.loader("train", 512))
+    # -- augmentation: teacher and student see the same augmented (and mixed) batch -----------------------
+    augmenter = Augmenter(data.augment, data, seed if augment_seed is None else augment_seed)
+    # Distill settings (baseline, student, prune fine-tuning) cycle through `teacher_views` views so that the
+    # baseline sees exactly the student's images; a teacher's own training sees a fresh view every epoch.
+    cycle = getattr(cfg, "teacher_views", None) if augmenter.active else None
+    soft_labels = losses.accepts_soft_labels(loss_fn)
+    cached = cached_views = cache_info = None
+    if (teacher is not None and peer is None and not use_features and cache_teacher and start_epoch < cfg.epochs):
+        if not augmenter.active:
+            cached, _ = predict_logits(teacher, data.loader("train", 512))
+        elif cycle:
+            cached_views, cache_info = teacher_cache.load_or_build(
+                teacher, data, augmenter, cycle, views_cache or state_path.parent, dev, write=distributed.is_main())
+    # -- end augmentation setup --------------------------------------------------------------------------
     pairs = loss_fn.feature_layers() if use_features else []
     if rng is not None:
         # After the teacher cache: iterating a DataLoader draws its base seed from the global RNG, which an
@@ -272,6 +290,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         gen.manual_seed(seed * 100_003 + epoch)
+        view = epoch % cycle if cycle else epoch
         loader = distributed.train_loader(data, batch_size, gen)
         model.train()
         loss_fn.train()
@@ -289,7 +308,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
                 t_tap = taps.enter_context(FeatureTap(teacher, [t for _, t in pairs], "teacher"))
             for x, y, idx in bar:
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
-                x = _augment(x, data.augment, gen)
+                x, y = augmenter(x, y, idx, view, soft_labels=soft_labels)
                 logits = ddp_model(x)
                 peer_loss = None
                 if teacher is None:
@@ -298,6 +317,8 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
                     t_logits = ddp_peer(x)
                 elif cached is not None:
                     t_logits = cached[idx].to(dev)
+                elif cached_views is not None:
+                    t_logits = cached_views[view][idx].to(dev)
                 else:
                     with torch.no_grad():
                         t_logits = teacher(x)
@@ -355,6 +376,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
         if m is not None:
             m.to("cpu")
     result = main.result(elapsed)
+    result.teacher_cache = cache_info
     if peer is not None:
         result.peer = peer.result(elapsed)
     return result
