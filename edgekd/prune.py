@@ -883,7 +883,7 @@ def _run_prune(rd: RunDir | str | Path, *, ratio: float | None, target_macs: flo
         torch.manual_seed(recipe.seed + step)
         res = fit(f"prune{step}", model, data, ft_cfg, make_loss(), seed=recipe.seed + step, state_path=state_path,
                   teacher=teacher, cache_teacher=recipe.distill.cache_teacher, quiet=quiet or not main,
-                  resume=cont)
+                  resume=cont, augment_seed=recipe.seed)  # the distill stage's augmented views: its teacher cache
         return {"val_accuracy": res.best_val_accuracy, "finetune_seconds": round(res.seconds, 3)}
 
     t0 = time.perf_counter()

@@ -51,6 +51,23 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _check_augment(v: Any) -> Any:
+    """A preset name or a mapping of augmentation settings (one-line errors naming the bad setting)."""
+    if isinstance(v, dict):  # checked here so the message names the bad setting, not the str/mapping union
+        try:
+            return AugmentConfig.model_validate(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            raise ValueError(f"{where}: {err['msg']}{got}") from e
+    if isinstance(v, str) and v not in AUGMENT_PRESETS:
+        close = difflib.get_close_matches(v, AUGMENT_PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(AUGMENT_PRESETS)}"
+        raise ValueError(f"unknown augmentation {v!r}; {hint}")
+    return v
+
+
 class DataConfig(_Section):
     dataset: str = Field("mnist", description="mnist | digits | npz | folder | csv | text")
     path: Optional[str] = Field(None, description="file or folder for npz / folder / csv datasets")
@@ -71,19 +88,7 @@ class DataConfig(_Section):
     @field_validator("augment", mode="before")
     @classmethod
     def _augment_preset(cls, v: Any) -> Any:
-        if isinstance(v, dict):  # checked here so the message names the bad setting, not the str/mapping union
-            try:
-                return AugmentConfig.model_validate(v)
-            except ValidationError as e:
-                err = e.errors()[0]
-                where = ".".join(str(p) for p in err["loc"])
-                got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
-                raise ValueError(f"{where}: {err['msg']}{got}") from e
-        if isinstance(v, str) and v not in AUGMENT_PRESETS:
-            close = difflib.get_close_matches(v, AUGMENT_PRESETS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(AUGMENT_PRESETS)}"
-            raise ValueError(f"unknown augmentation {v!r}; {hint}")
-        return v
+        return _check_augment(v)
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -113,6 +118,13 @@ class TeacherConfig(TrainConfig):
     model: str = Field("cnn", description="zoo name, `package.module:factory` or `path/file.py:factory`")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="trained weights (state dict .pt/.pth or .safetensors)")
+    augment: Optional[Union[str, AugmentConfig]] = Field(
+        None, description="augmentation of the teacher's own training (default: data.augment)")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_preset(cls, v: Any) -> Any:
+        return None if v is None else _check_augment(v)
 
 
 class EnsembleTeacherConfig(TeacherConfig):

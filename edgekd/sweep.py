@@ -225,7 +225,8 @@ def run_sweep(recipe: Recipe, trials: int, out: str | Path | None = None, storag
             with tempfile.TemporaryDirectory(dir=out, prefix=".trial-") as tmp:
                 result = fit("student", student, data, recipe.distill, loss_fn, seed=recipe.seed,
                              state_path=Path(tmp) / "student.state.pt", teacher=teacher,
-                             cache_teacher=recipe.distill.cache_teacher, quiet=True, on_epoch=report)
+                             cache_teacher=recipe.distill.cache_teacher, quiet=True, on_epoch=report,
+                             views_cache=Path(out))  # the augmented-teacher cache is shared by all trials
             trial.set_user_attr("best_epoch", result.best_epoch)
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
             return result.best_val_accuracy

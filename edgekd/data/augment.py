@@ -43,12 +43,8 @@ def resolve(spec: str | Mapping[str, Any] | AugmentConfig | None) -> AugmentConf
     return AugmentConfig(**dict(spec))
 
 
-def describe(spec: str | Mapping[str, Any] | AugmentConfig | None) -> dict[str, Any]:
-    """The resolved settings as plain data (part of the teacher-cache key and of ``data.json``)."""
-    return resolve(spec).model_dump(mode="json")
-
-
 def is_identity(cfg: AugmentConfig) -> bool:
+    """Whether the settings leave every image unchanged."""
     return cfg == AugmentConfig()
 
 

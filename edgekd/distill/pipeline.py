@@ -131,7 +131,7 @@ class _History:
 
 def _train_role(role: str, model: nn.Module, spec: str, kwargs: dict[str, Any], data: DataBundle, recipe: Recipe,
                 rd: RunDir, cfg, loss_fn: nn.Module, history: _History, resume: bool, quiet: bool,
-                teacher: nn.Module | None = None, seed: int | None = None) -> dict[str, Any]:
+                teacher: nn.Module | None = None, seed: int | None = None, augment: Any = None) -> dict[str, Any]:
     """Train one model unless the run already holds it; save ``<role>.pt`` and return its metrics."""
     final = rd / f"{role}.pt"
     if resume and rd.stage_status(role) == "done" and final.exists():
@@ -143,8 +143,11 @@ def _train_role(role: str, model: nn.Module, spec: str, kwargs: dict[str, Any], 
         state_path.unlink()
     result: TrainResult = fit(role, model, data, cfg, loss_fn, seed=recipe.seed if seed is None else seed,
                               state_path=state_path, teacher=teacher, cache_teacher=recipe.distill.cache_teacher,
-                              resume=resume, quiet=quiet, on_epoch=history.add)
-    return _finish_role(role, result, spec, kwargs, data, rd, history)
+                              resume=resume, quiet=quiet, on_epoch=history.add, augment=augment)
+    extra = {}
+    if result.teacher_cache:  # size and one-off cost of the augmented-teacher cache (not the path: runs move)
+        extra["teacher_cache"] = {k: result.teacher_cache[k] for k in ("views", "bytes", "build_seconds", "reused")}
+    return _finish_role(role, result, spec, kwargs, data, rd, history, **extra)
 
 
 def _finish_role(role: str, result: TrainResult, spec: str, kwargs: dict[str, Any], data: DataBundle, rd: RunDir,
@@ -205,7 +208,7 @@ def train_teachers(recipe: Recipe, teachers: dict[str, nn.Module], data: DataBun
             info = _given_teacher(role, model, tcfg, data, rd)
         else:
             info = _train_role(role, model, tcfg.model, tcfg.kwargs, data, recipe, rd, tcfg, ce, history, resume,
-                               quiet, seed=recipe.seed + i)
+                               quiet, seed=recipe.seed + i, augment=tcfg.augment)
         results[role] = {**info, **_describe_model(model, data, tcfg.model)}
         model.eval()
     if len(teachers) == 1:

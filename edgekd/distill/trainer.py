@@ -181,7 +181,7 @@ def _check_finite(loss: torch.Tensor, role: str, epoch: int, state_path: Path) -
 def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn: nn.Module, *, seed: int,
         state_path: Path, teacher: nn.Module | None = None, cache_teacher: bool = True, resume: bool = False,
         quiet: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        train_teacher: bool = False, teacher_role: str = "teacher", augment_seed: int | None = None,
+        train_teacher: bool = False, teacher_role: str = "teacher", augment: Any = None, augment_seed: int | None = None,
         views_cache: Path | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs, keeping the weights with the best validation accuracy.
 
@@ -205,6 +205,7 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
             with the same settings and the same loss, mirrored (``loss_fn(teacher_logits, student_logits, y)``).
             Its result is ``TrainResult.peer``.
         teacher_role: Name of the teacher in history rows when ``train_teacher``.
+        augment: Augmentation for this run instead of ``data.augment`` (a teacher's own ``augment``).
         augment_seed: Seed of the augmented views (default ``seed``); prune fine-tuning passes the run's seed
             so that it replays the distill stage's teacher cache.
         views_cache: Folder of the augmented-teacher cache (default: next to ``state_path``).
@@ -265,7 +266,8 @@ def fit(role: str, model: nn.Module, data: DataBundle, cfg: TrainConfig, loss_fn
     ddp_model = distributed.wrap(model, amp)
     ddp_peer = distributed.wrap(teacher) if peer is not None else teacher
     # -- augmentation: teacher and student see the same augmented (and mixed) batch -----------------------
-    augmenter = Augmenter(data.augment, data, seed if augment_seed is None else augment_seed)
+    augmenter = Augmenter(data.augment if augment is None else augment, data,
+                          seed if augment_seed is None else augment_seed)
     # Distill settings (baseline, student, prune fine-tuning) cycle through `teacher_views` views so that the
     # baseline sees exactly the student's images; a teacher's own training sees a fresh view every epoch.
     cycle = getattr(cfg, "teacher_views", None) if augmenter.active else None
