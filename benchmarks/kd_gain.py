@@ -103,6 +103,29 @@ def _save_partial(out: Path, rows: list[dict]) -> None:
     (out / "kd_gain.partial.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def _cost_from(args, run: Path) -> None:
+    """The epoch-cost comparison with an existing seed run's teacher, written with the rows finished so far."""
+    out = Path(args.out)
+    rows = json.loads((out / "kd_gain.partial.json").read_text())
+    seed = next(r["seed"] for r in rows if Path(r["run"]) == run)
+    recipe = load_recipe(args.recipe, args.overrides, seed=seed)
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        cost = epoch_cost(recipe, run / "teacher.pt", Path(tmp))
+    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe)
+    write_table(out)
+
+
+def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, load_start, recipe) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    aug = recipe.data.augment
+    (out / "kd_gain.json").write_text(json.dumps({
+        "recipe": args.recipe or "mnist", "seeds": [r["seed"] for r in rows], "rows": rows, "epoch_cost": cost,
+        "seconds": seconds, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+        "augment": aug if isinstance(aug, str) else aug.model_dump()}, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -113,9 +136,15 @@ def main() -> None:
                                                          "comparison runs afterwards, alone")
     ap.add_argument("--work", default=None, help="keep the run directories here (default: a temporary folder)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved JSON")
+    ap.add_argument("--cost-from", default=None, metavar="RUN",
+                    help="only measure the epoch cost with the teacher of this finished seed run, then write the "
+                         "results from the rows saved so far (kd_gain.partial.json)")
     args = ap.parse_args()
     if args.table_only:
         write_table(Path(args.out))
+        return
+    if args.cost_from:
+        _cost_from(args, Path(args.cost_from))
         return
 
     t0 = time.perf_counter()
@@ -143,13 +172,7 @@ def main() -> None:
               f"teacher cache {cost['cache_seconds']:.2f} s once per run", flush=True)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kd_gain.json").write_text(json.dumps({"recipe": args.recipe or "mnist", "seeds": args.seeds,
-                                                  "rows": rows, "epoch_cost": cost,
-                                                  "seconds": time.perf_counter() - t0,
-                                                  "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-                                                  "augment": recipe.data.augment if isinstance(recipe.data.augment, str)
-                                                  else recipe.data.augment.model_dump()}, indent=2) + "\n")
+    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe)
     (out / "kd_gain.partial.json").unlink(missing_ok=True)
     write_table(out)
 
