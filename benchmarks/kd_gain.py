@@ -43,7 +43,7 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 5, epochs: 
 
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit, predict_logits
+    from edgekd.training import FitConfig, fit, predict_logits
     from edgekd.models import build_model, load_weights
 
     data = load_data(recipe.data, recipe.seed)
@@ -58,9 +58,10 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 5, epochs: 
         for kind in ("plain", "kd"):
             torch.manual_seed(recipe.seed)
             student = build_model(recipe.student.model, data.input_shape, data.num_classes, recipe.student.kwargs)
-            res = fit(kind, student, data, cfg, kd_loss if kind == "kd" else losses.build("ce"), seed=recipe.seed,
-                      state_path=work / f"cost-{kind}-{r}.state.pt", teacher=teacher if kind == "kd" else None,
-                      quiet=True, views_cache=work / "cost-cache")
+            res = fit(student, data, kd_loss if kind == "kd" else losses.build("ce"),
+                      FitConfig(kind, cfg, seed=recipe.seed, state_path=work / f"cost-{kind}-{r}.state.pt",
+                                quiet=True, views_cache=work / "cost-cache"),
+                      teacher=teacher if kind == "kd" else None)
             times[kind] += [row["seconds"] for row in res.history]
             if kind == "kd" and cache_info is None:
                 cache_info = res.teacher_cache

@@ -167,6 +167,14 @@ def write_recipe_tmp():
     return write_recipe(Path(tempfile.mkdtemp()) / "r.yaml")
 
 
+def fit(role, model, data, cfg, loss_fn, *, seed, state_path, teacher=None, cache_teacher=True, quiet=True):
+    from edgekd.training import FitConfig
+    from edgekd.training import fit as fit_
+
+    return fit_(model, data, loss_fn, FitConfig(role, cfg, seed=seed, state_path=state_path, quiet=quiet,
+                                                cache_teacher=cache_teacher), teacher=teacher)
+
+
 class _RecordingKD(torch.nn.Module):
     soft_labels = True
 
@@ -180,7 +188,6 @@ class _RecordingKD(torch.nn.Module):
 
 
 def test_live_teacher_sees_exactly_the_students_augmented_batch(tmp_path):
-    from edgekd.distill.trainer import fit
 
     recipe, data, teacher, student, cfg, losses = _setup()
     t_rec, s_rec = _Recorder(teacher), _Recorder(student, train_only=True)
@@ -194,7 +201,6 @@ def test_live_teacher_sees_exactly_the_students_augmented_batch(tmp_path):
 
 
 def test_cache_replays_the_teachers_outputs_for_the_exact_view_shown(tmp_path):
-    from edgekd.distill.trainer import fit
 
     recipe, data, teacher, student, cfg, losses = _setup()
     t_rec, s_rec = _Recorder(teacher), _Recorder(student, train_only=True)
@@ -217,7 +223,6 @@ def test_cache_replays_the_teachers_outputs_for_the_exact_view_shown(tmp_path):
 
 
 def test_a_cache_file_that_does_not_match_its_key_is_refused(tmp_path):
-    from edgekd.distill.trainer import fit
     from edgekd.errors import CheckpointError
 
     recipe, data, teacher, student, cfg, losses = _setup()
@@ -234,7 +239,6 @@ def test_a_cache_file_that_does_not_match_its_key_is_refused(tmp_path):
 
 
 def test_baseline_gets_the_same_augmented_views_as_the_student(tmp_path):
-    from edgekd.distill.trainer import fit
 
     recipe, data, teacher, student, cfg, losses = _setup()
     import copy

@@ -4,7 +4,7 @@ Every random choice for sample ``i`` of the train split in *view* ``v`` (a crop 
 colour factors, a mixing partner and its share) is drawn once for the whole split from a CPU generator seeded
 with ``(seed, v)`` only. The image of a sample in a view therefore does not depend on the batch it lands in, on
 the shuffling order, on the device or on the process: an epoch re-run after a crash gets the same images, and a
-teacher output cached for ``(sample, view)`` (:mod:`edgekd.distill.teacher_cache`) is exactly the output for the
+teacher output cached for ``(sample, view)`` (:mod:`edgekd.training.teacher_cache`) is exactly the output for the
 image the student is shown. Only the pixel work runs on the batch's device (``affine_grid`` / ``grid_sample``).
 
 Written in plain torch rather than kornia: kornia's random augmentations draw their parameters per call from
