@@ -133,6 +133,8 @@ class KDLoss(_SoftHardMix):
         alpha: Weight of the soft term in [0, 1].
     """
 
+    soft_labels = True  # mixed batches: CE against soft label targets
+
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
         super().__init__()
         if temperature <= 0:
@@ -159,6 +161,8 @@ class LogitMSELoss(_SoftHardMix):
         alpha: Weight of the logit term in [0, 1].
     """
 
+    soft_labels = True  # mixed batches: CE against soft label targets
+
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = _check_alpha(alpha)
@@ -173,6 +177,8 @@ class LogitMSELoss(_SoftHardMix):
 @register_loss("ce")
 class CrossEntropyLoss(nn.Module):
     """Plain supervised cross-entropy ``CE(s, y)``; ignores the teacher (used for teacher and baseline)."""
+
+    soft_labels = True  # mixed batches: CE against soft label targets
 
     needs_labels = True
     needs_teacher = False
@@ -189,6 +195,11 @@ class CrossEntropyLoss(nn.Module):
 
 
 # -- helpers shared by the losses below ------------------------------------------------------------------
+
+def accepts_soft_labels(loss: nn.Module) -> bool:
+    """Whether a loss takes soft label targets (N, C) as ``labels`` (mixup / cutmix batches)."""
+    return bool(getattr(loss, "soft_labels", False))
+
 
 def label_weight(loss: nn.Module) -> float:
     """How much ``CE(s, y)`` a loss contains (0 for a label-free loss)."""

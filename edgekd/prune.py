@@ -513,9 +513,10 @@ def _finetune_config(recipe: Recipe, cfg: PruneConfig) -> TrainConfig:
     # Fine-tuning starts from trained weights: no warm-up, a cosine decay from prune.lr. Its default is the
     # distillation peak rate: on the default recipe's student (cut by 50% in 4 steps of 2 epochs) 1e-3
     # recovered 0.747 test accuracy and 1e-2 (its distill.lr) 0.935.
-    return TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr if cfg.lr is not None else d.lr, optimizer=d.optimizer,
-                       weight_decay=d.weight_decay, momentum=d.momentum, scheduler="cosine", grad_clip=d.grad_clip,
-                       amp=d.amp)
+    # A copy of the distill settings (not a bare TrainConfig) so that fine-tuning cycles through the same
+    # `teacher_views` augmented views and replays the distill stage's augmented-teacher cache.
+    return d.model_copy(update={"epochs": cfg.finetune_epochs, "lr": cfg.lr if cfg.lr is not None else d.lr,
+                                "scheduler": "cosine", "ema": None})
 
 
 def _load_role(rd: RunDir, role: str, allow_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -783,7 +784,8 @@ class _Prune:
         seed = self.recipe.seed + step
         torch.manual_seed(seed)
         config = FitConfig(role=f"prune{step}", train=self.ft_cfg, seed=seed, state_path=state_path, resume=cont,
-                           quiet=self.quiet or not self.main, cache_teacher=self.recipe.distill.cache_teacher)
+                           quiet=self.quiet or not self.main, cache_teacher=self.recipe.distill.cache_teacher,
+                           augment_seed=self.recipe.seed)  # the distill stage's views: its teacher cache
         res = loop.fit(model, self.data, self.make_loss(), config, teacher=self.teacher)
         return {"val_accuracy": res.best_val_accuracy, "finetune_seconds": round(res.seconds, 3)}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,50 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AugmentConfig(_Section):
+    """Training augmentation (see ``edgekd.data.augment``); every default leaves the image unchanged."""
+
+    crop_scale: float = Field(1.0, ge=0.08, le=1, description="random-resized-crop: smallest kept area share")
+    translate: float = Field(0.0, ge=0, le=0.5, description="random shift, as a share of the image size")
+    rotate: float = Field(0.0, ge=0, le=45, description="random rotation up to this many degrees")
+    flip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    shift_px: int = Field(0, ge=0, le=16, description="shift by whole pixels, zero fill (the `shift` preset)")
+    brightness: float = Field(0.0, ge=0, le=1, description="colour jitter (RGB): factor in [1-b, 1+b]")
+    contrast: float = Field(0.0, ge=0, le=1, description="colour jitter (RGB): factor in [1-c, 1+c]")
+    saturation: float = Field(0.0, ge=0, le=1, description="colour jitter (RGB only): factor in [1-s, 1+s]")
+    mixup: float = Field(0.0, ge=0, description="relative frequency of mixup among mixed samples")
+    cutmix: float = Field(0.0, ge=0, description="relative frequency of cutmix among mixed samples")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="share of samples mixed when mixup or cutmix is on")
+    mix_alpha: float = Field(1.0, gt=0, le=10, description="mixing share ~ Beta(alpha, alpha)")
+
+
+# Named settings for `data.augment: <name>`. none/shift/flip keep their historical meaning.
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "shift": {"shift_px": 2},
+    "flip": {"flip": 0.5},
+    "light": {"crop_scale": 0.85, "translate": 0.08, "rotate": 10},
+    "strong": {"crop_scale": 0.6, "translate": 0.12, "rotate": 15, "mixup": 1, "mix_prob": 0.5},
+}
+
+
+def _check_augment(v: Any) -> Any:
+    """A preset name or a mapping of augmentation settings (one-line errors naming the bad setting)."""
+    if isinstance(v, dict):  # checked here so the message names the bad setting, not the str/mapping union
+        try:
+            return AugmentConfig.model_validate(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            raise ValueError(f"{where}: {err['msg']}{got}") from e
+    if isinstance(v, str) and v not in AUGMENT_PRESETS:
+        close = difflib.get_close_matches(v, AUGMENT_PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(AUGMENT_PRESETS)}"
+        raise ValueError(f"unknown augmentation {v!r}; {hint}")
+    return v
+
+
 class DataConfig(_Section):
     dataset: str = Field("mnist", description="mnist | digits | npz | folder | csv | text")
     path: Optional[str] = Field(None, description="file or folder for npz / folder / csv datasets")
@@ -34,7 +78,8 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     limit: Optional[int] = Field(None, gt=0, description="use at most this many samples (quick experiments)")
     batch_size: int = Field(64, gt=0)
-    augment: Literal["none", "shift", "flip"] = Field("none", description="random training augmentation")
+    augment: Union[str, AugmentConfig] = Field(
+        "none", description=f"training augmentation: a preset ({', '.join(AUGMENT_PRESETS)}) or a mapping of settings")
     normalize: bool = Field(True, description="standardize inputs with statistics of the train split")
     text_column: str = Field("text", description="text: the column (CSV) or key (JSONL) holding the text")
     tokenizer: str = Field("bytes", description="text: `bytes` (built-in byte tokenizer) or a local tokenizer folder")
@@ -44,6 +89,11 @@ class DataConfig(_Section):
     cache: bool = Field(True, description="folder: decode and resize images once into a uint8 cache file")
     cache_dir: Optional[str] = Field(None, description="folder: where the image cache lives (default: "
                                                        "$EDGEKD_CACHE_DIR or ~/.cache/edgekd/images)")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_preset(cls, v: Any) -> Any:
+        return _check_augment(v)
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -60,7 +110,10 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
-    scheduler: Literal["none", "cosine", "onecycle"] = "onecycle"
+    scheduler: Literal["none", "cosine", "onecycle", "warmup_cosine"] = "onecycle"
+    warmup: float = Field(0.05, ge=0, lt=1, description="warmup_cosine: share of the steps spent warming up")
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="keep an EMA of the weights with this decay "
+                                                               "(validated, kept and saved instead of the raw ones)")
     grad_clip: Optional[float] = Field(None, gt=0)
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="bf16/fp16 autocast of the trained model's "
                                                                   "forward pass (GPU; also works on CPU)")
@@ -74,6 +127,13 @@ class TeacherConfig(TrainConfig):
                                           "or `path/file.py:factory`")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="trained weights (state dict .pt/.pth or .safetensors)")
+    augment: Optional[Union[str, AugmentConfig]] = Field(
+        None, description="augmentation of the teacher's own training (default: data.augment)")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_preset(cls, v: Any) -> Any:
+        return None if v is None else _check_augment(v)
 
 
 class EnsembleTeacherConfig(TeacherConfig):
@@ -90,7 +150,10 @@ class DistillConfig(TrainConfig):
     loss: dict[str, Any] = Field(default_factory=lambda: {"name": "kd", "temperature": 4.0, "alpha": 0.9},
                                  description="`name` picks a loss from the registry; other keys are its kwargs")
     baseline: bool = Field(True, description="also train the student from scratch for comparison")
-    cache_teacher: bool = Field(True, description="compute teacher logits once when there is no augmentation")
+    cache_teacher: bool = Field(True, description="compute the teacher's logits once (for `teacher_views` "
+                                                  "augmented views of each sample when augmenting) and replay them")
+    teacher_views: int = Field(8, ge=1, description="with augmentation: distinct augmented views per sample; epoch e "
+                                                    "shows view e mod teacher_views (student and baseline alike)")
     strategy: Literal["offline", "online", "self"] = Field(
         "offline", description="offline: frozen teacher; online: deep mutual learning; self: born-again generations")
     generations: int = Field(2, ge=1, description="self: student generations, each taught by the previous one")

@@ -259,7 +259,8 @@ class _Objective:
         with tempfile.TemporaryDirectory(dir=self.out, prefix=".trial-") as tmp:
             fit_config = FitConfig(role="student", train=recipe.distill, seed=recipe.seed,
                                    state_path=Path(tmp) / "student.state.pt", quiet=True,
-                                   cache_teacher=recipe.distill.cache_teacher)
+                                   cache_teacher=recipe.distill.cache_teacher,
+                                   views_cache=Path(self.out))  # one augmented-teacher cache for all trials
             result = loop.fit(student, self.data, loss_fn, fit_config, teacher=self.teacher,
                               callbacks=[OptunaPruning(trial, "student", recipe.distill.epochs)])
         trial.set_user_attr("best_epoch", result.best_epoch)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import write_recipe
+from conftest import TINY_RECIPE, write_recipe
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -27,9 +27,18 @@ def _student_epochs(history) -> int:
         return sum(1 for row in csv.DictReader(f) if row["model"] == "student")
 
 
+AUGMENTED = {"data": {"dataset": "digits", "batch_size": 64, "augment": "strong"},
+             "distill": {"epochs": 8, "baseline": False, "teacher_views": 3, "scheduler": "warmup_cosine", "ema": 0.9}}
+
+
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_identical_weights(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", distill={"epochs": 8, "baseline": False}, teacher={"epochs": 2})
+@pytest.mark.parametrize("changes", [{}, AUGMENTED], ids=["plain", "augmented-cached-ema"])
+def test_kill_9_then_resume_gives_identical_weights(tmp_path, changes):
+    base = {**TINY_RECIPE, "teacher": {**TINY_RECIPE["teacher"], "epochs": 2},
+            "distill": {**TINY_RECIPE["distill"], "epochs": 8, "baseline": False}}
+    for section, values in changes.items():
+        base[section] = {**base[section], **values}
+    recipe = write_recipe(tmp_path / "r.yaml", base)
     full = _distill(recipe, tmp_path / "a")
     victim = _distill(recipe, tmp_path / "b")
     history = tmp_path / "b" / "tiny" / "history.csv"

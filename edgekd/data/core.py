@@ -80,7 +80,7 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     source: str
-    augment: str = "none"
+    augment: str | dict = "none"  # a preset name or the settings (edgekd.data.augment)
     batch_size: int = 64
     workers: int | None = None  # loader processes; None: edgekd.data.loader.default_workers
     _loaders: dict = field(default_factory=dict, repr=False, compare=False)
@@ -346,4 +346,5 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         raise DataError(f"{source}: inputs contain NaN or infinity")
     return DataBundle(*splits, labels=names, input_shape=shape, layout=layout,
                       mean=[float(v) for v in mean], std=[float(v) for v in std], source=source,
-                      augment=cfg.augment, batch_size=cfg.batch_size, workers=cfg.workers)
+                      augment=cfg.augment if isinstance(cfg.augment, str) else cfg.augment.model_dump(mode="json"),
+                      batch_size=cfg.batch_size, workers=cfg.workers)

@@ -12,6 +12,7 @@ resumes from rank 0's checkpoint).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +21,18 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from edgekd import losses
 from edgekd.data import DataBundle
 from edgekd.errors import CheckpointError, TrainingError
 from edgekd.recipe import TrainConfig
 from edgekd.training import accel, parallel
-from edgekd.training.augment import Augment
+from edgekd.training.augment import Augmenter
 from edgekd.training.callbacks import Callback, ConsoleLog
 from edgekd.training.checkpoint import Checkpointer, restore_rng, rng_state
 from edgekd.training.metrics import evaluate
 from edgekd.training.signals import TeacherSignal, choose_signal
 
-AugmentFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
+AugmentFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]  # (x, y, idx, view, soft_labels=) -> (x, y)
 
 
 @dataclass
@@ -44,8 +46,11 @@ class FitConfig:
         state_path: Where the per-epoch resumable checkpoint lives.
         resume: Continue from ``state_path`` if it exists.
         quiet: No progress bar and no epoch lines.
-        cache_teacher: Compute a frozen teacher's logits once for the whole train split (used only without
-            augmentation and for losses on logits).
+        cache_teacher: Compute a frozen teacher's logits once and replay them (losses on logits): for the
+            plain train split without augmentation, else for ``train.teacher_views`` augmented views.
+        augment_seed: Seed of the augmented views (default ``seed``); prune fine-tuning passes the run's seed
+            so that it replays the distill stage's augmented-teacher cache.
+        views_cache: Folder of the augmented-teacher cache (default: next to ``state_path``).
     """
 
     role: str
@@ -55,6 +60,8 @@ class FitConfig:
     resume: bool = False
     quiet: bool = False
     cache_teacher: bool = True
+    augment_seed: int | None = None
+    views_cache: Path | None = None
 
 
 @dataclass
@@ -67,6 +74,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = float("nan")
     peer: "TrainResult | None" = None  # the co-trained teacher of online distillation
+    teacher_cache: dict[str, Any] | None = None  # facts about the augmented-teacher cache, when one was used
 
     @property
     def epoch_seconds(self) -> list[float]:
@@ -99,6 +107,11 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
                                                    pct_start=onecycle_warmup(total_steps))
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if cfg.scheduler == "warmup_cosine":  # linear warm-up, then cosine decay to 0
+        warm = int(round(cfg.warmup * total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: (i + 1) / warm if i < warm
+            else 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total_steps - warm)))))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -112,6 +125,9 @@ class _Member:
         self.history: list[dict[str, Any]] = []
         self.best_val, self.best_epoch, self.best_state = -1.0, 0, copy.deepcopy(model.state_dict())
         self.total, self.count = 0.0, 0
+        # EMA of the weights (and BatchNorm buffers): validated, kept as "best" and saved instead of the raw ones.
+        self.ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+            cfg.ema), use_buffers=True) if getattr(cfg, "ema", None) else None)
 
     def params(self) -> list[torch.Tensor]:
         ps = list(self.model.parameters())
@@ -120,7 +136,8 @@ class _Member:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "history": self.history, "best_val": self.best_val,
-                "best_epoch": self.best_epoch, "best_model": self.best_state}
+                "best_epoch": self.best_epoch, "best_model": self.best_state,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -129,6 +146,8 @@ class _Member:
         self.history = state["history"]
         self.best_val, self.best_epoch = float(state["best_val"]), int(state["best_epoch"])
         self.best_state = state["best_model"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
     def step(self, loss: torch.Tensor, n: int, scaler=None) -> None:
         parallel.sync_grads(self.extra)  # loss projections live outside DDP
@@ -142,17 +161,20 @@ class _Member:
         else:
             self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.total += loss.item() * n
         self.count += n
 
     def end_epoch(self, data: DataBundle, epoch: int, seconds: float) -> dict[str, Any]:
         parallel.sync_buffers(self.model)  # BatchNorm statistics of rank 0 everywhere: same val, same best
-        val_acc = evaluate(self.model, data, "val")["test_accuracy"]
+        judged = self.ema.module if self.ema is not None else self.model
+        val_acc = evaluate(judged, data, "val")["test_accuracy"]
         row = {"model": self.role, "epoch": epoch + 1, "train_loss": parallel.global_mean(self.total, self.count),
                "val_accuracy": val_acc, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
         self.history.append(row)
         if val_acc > self.best_val:
-            self.best_val, self.best_epoch, self.best_state = val_acc, epoch + 1, copy.deepcopy(self.model.state_dict())
+            self.best_val, self.best_epoch, self.best_state = val_acc, epoch + 1, copy.deepcopy(judged.state_dict())
         self.total, self.count = 0.0, 0
         return row
 
@@ -230,15 +252,22 @@ def fit(model: nn.Module, data: DataBundle, loss_fn: nn.Module, config: FitConfi
             :class:`~edgekd.training.signals.TeacherSignal` (e.g. ``PeerTeacher`` for online distillation,
             whose result is ``TrainResult.peer``).
         callbacks: Called after each epoch's checkpoint is written (console lines are added unless quiet).
-        augment: The batch augmentation ``augment(x, y, generator) -> (x, y)`` (default: ``data.augment``).
+        augment: The batch augmentation (:mod:`edgekd.training.augment`; default: ``data.augment`` seeded by
+            ``config.augment_seed`` or ``config.seed``). Distill settings (``train.teacher_views``) cycle
+            through that many views, so that the baseline sees exactly the student's images; other settings (a
+            teacher's own training) see a fresh view every epoch.
 
     Raises:
         TrainingError: The loss became NaN or infinite; the previous epoch's checkpoint is kept.
         RecipeError: A feature loss names modules the models do not have, or shapes it cannot compare.
     """
-    augment = augment if augment is not None else Augment(data.augment)
-    signal = choose_signal(teacher, loss_fn, cache=config.cache_teacher,
-                           augmented=not getattr(augment, "identity", False))
+    if augment is None:
+        augment = Augmenter(data.augment, data, config.seed if config.augment_seed is None else config.augment_seed)
+    active = getattr(augment, "active", True)
+    views = getattr(config.train, "teacher_views", None) if active else None
+    signal = choose_signal(teacher, loss_fn, cache=config.cache_teacher, augmented=active, views=views,
+                           augment=augment, folder=config.views_cache or config.state_path.parent)
+    soft_labels = losses.accepts_soft_labels(loss_fn)
     callbacks = ([] if config.quiet else [ConsoleLog()]) + list(callbacks)
     signal.setup(model, loss_fn, data, config.seed)
     run = _start(model, data, loss_fn, config, signal, callbacks)
@@ -250,15 +279,16 @@ def fit(model: nn.Module, data: DataBundle, loss_fn: nn.Module, config: FitConfi
     for epoch in range(run.start_epoch, config.train.epochs):
         t0 = time.perf_counter()
         gen.manual_seed(config.seed * 100_003 + epoch)
+        view = epoch % views if views else epoch
         loader = parallel.train_loader(data, run.batch_size, gen, dev)
         model.train()
         loss_fn.train()
-        signal.start_epoch()
+        signal.start_epoch(view)
         if hasattr(loss_fn, "on_epoch_start"):
             loss_fn.on_epoch_start(epoch)
         with signal.batches():
             for x, y, idx in _progress(loader, config, epoch):
-                x, y = augment(x.to(dev), torch.as_tensor(y).to(dev), gen)
+                x, y = augment(x.to(dev), torch.as_tensor(y).to(dev), idx, view, soft_labels=soft_labels)
                 x = accel.as_input(x, config.train)
                 _train_step(run, ddp_model, signal, x, y, idx, epoch, config.state_path)
         seconds = time.perf_counter() - t0
@@ -330,6 +360,7 @@ def _finish(run: _Run, signal: TeacherSignal, model: nn.Module, loss_fn: nn.Modu
     _move("cpu", model, signal.teacher, loss_fn)  # later stages (evaluation, saving, export) work on the CPU
     main, *peers = run.members
     result = main.result(run.elapsed)
+    result.teacher_cache = getattr(signal, "info", None)
     if peers:
         result.peer = peers[0].result(run.elapsed)
     return result

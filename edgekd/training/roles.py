@@ -13,6 +13,7 @@ from torch import nn
 
 from edgekd import losses
 from edgekd.data import DataBundle
+from edgekd.data.augment import Augmenter
 from edgekd.errors import DataError
 from edgekd.models import build_model, count_macs_params, load_weights, save_checkpoint
 from edgekd.recipe import Recipe
@@ -65,10 +66,11 @@ def describe_model(model: nn.Module, data: DataBundle, spec: str) -> dict[str, A
 
 def train_role(role: str, model: nn.Module, spec: str, kwargs: dict[str, Any], data: DataBundle, recipe: Recipe,
                rd: RunDir, cfg, loss_fn: nn.Module, history: HistoryFile, resume: bool, quiet: bool,
-               teacher: nn.Module | None = None, seed: int | None = None) -> dict[str, Any]:
+               teacher: nn.Module | None = None, seed: int | None = None, augment: Any = None) -> dict[str, Any]:
     """Train one model unless the run already holds it; save ``<role>.pt`` and return its training info.
 
-    Its per-epoch state lives in ``checkpoints/<role>.state.pt`` (continued with ``resume``, else removed).
+    Its per-epoch state lives in ``checkpoints/<role>.state.pt`` (continued with ``resume``, else removed);
+    ``augment`` replaces ``data.augment`` for this role (a teacher's own ``augment``).
     """
     final = rd / f"{role}.pt"
     if resume and rd.stage_status(role) == "done" and final.exists():
@@ -80,8 +82,12 @@ def train_role(role: str, model: nn.Module, spec: str, kwargs: dict[str, Any], d
         state_path.unlink()
     config = loop.FitConfig(role=role, train=cfg, seed=recipe.seed if seed is None else seed, state_path=state_path,
                             resume=resume, quiet=quiet, cache_teacher=recipe.distill.cache_teacher)
-    result = loop.fit(model, data, loss_fn, config, teacher=teacher, callbacks=[history])
-    return finish_role(role, result, spec, kwargs, data, rd, history)
+    result = loop.fit(model, data, loss_fn, config, teacher=teacher, callbacks=[history],
+                      augment=None if augment is None else Augmenter(augment, data, config.seed))
+    extra = {}
+    if result.teacher_cache:  # size and one-off cost of the augmented-teacher cache (not the path: runs move)
+        extra["teacher_cache"] = {k: result.teacher_cache[k] for k in ("views", "bytes", "build_seconds", "reused")}
+    return finish_role(role, result, spec, kwargs, data, rd, history, **extra)
 
 
 def finish_role(role: str, result: loop.TrainResult, spec: str, kwargs: dict[str, Any], data: DataBundle,
@@ -137,7 +143,7 @@ def train_teachers(recipe: Recipe, teachers: dict[str, nn.Module], data: DataBun
             info = record_given_teacher(role, model, tcfg, data, rd)
         else:
             info = train_role(role, model, tcfg.model, tcfg.kwargs, data, recipe, rd, tcfg, ce, history, resume,
-                              quiet, seed=recipe.seed + i)
+                              quiet, seed=recipe.seed + i, augment=tcfg.augment)
         results[role] = {**info, **describe_model(model, data, tcfg.model)}
         model.eval()
     if len(teachers) == 1:

@@ -9,6 +9,8 @@ per batch :meth:`~TeacherSignal.targets` on the SAME (augmented) batch the stude
 * :class:`NoTeacher`: supervised training (the teacher, the baseline).
 * :class:`CachedLogits`: a frozen teacher's logits computed once for the whole train split, looked up by sample
   index (only valid without augmentation: the cache holds the logits of the un-augmented samples).
+* :class:`AugmentedCache`: with augmentation, a frozen teacher's logits for ``K`` seeded augmented views of every
+  sample, computed once (:mod:`edgekd.training.teacher_cache`) and looked up by (epoch's view, sample index).
 * :class:`LiveTeacher`: a frozen teacher run on every batch.
 * :class:`FeatureTeacher`: a frozen teacher run on every batch with forward hooks on the layers a feature loss
   compares (hooks exist only while training batches run).
@@ -19,6 +21,7 @@ per batch :meth:`~TeacherSignal.targets` on the SAME (augmented) batch the stude
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -26,7 +29,8 @@ from torch import nn
 
 from edgekd import losses
 from edgekd.data import DataBundle
-from edgekd.training import accel, parallel
+from edgekd.data.augment import Augmenter
+from edgekd.training import accel, parallel, teacher_cache
 from edgekd.training.features import FeatureTap, setup_feature_loss
 from edgekd.training.metrics import predict_logits
 
@@ -44,8 +48,8 @@ class TeacherSignal:
     def prepare(self, data: DataBundle, device: torch.device, start_epoch: int, epochs: int) -> None:
         """After the models moved to ``device`` and a checkpoint was restored, before the first epoch."""
 
-    def start_epoch(self) -> None:
-        """At the start of every epoch (train/eval modes)."""
+    def start_epoch(self, view: int = 0) -> None:
+        """At the start of every epoch (train/eval modes); ``view`` is the epoch's augmented view."""
 
     def batches(self) -> contextlib.AbstractContextManager:
         """A context held while the epoch's training batches run."""
@@ -101,6 +105,34 @@ class CachedLogits(LiveTeacher):
 
     def targets(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.cache[torch.as_tensor(idx).to(self.cache.device)]
+
+
+class AugmentedCache(LiveTeacher):
+    """A frozen teacher's logits for views ``0..views-1`` of every sample, built once (or read from ``folder``).
+
+    Epoch ``e`` shows view ``e mod views``; :meth:`targets` returns the logits the teacher gave for exactly the
+    image of that view, which the loop's augmentation regenerates from its seed. ``info`` holds the cache's
+    size and build time once prepared.
+    """
+
+    def __init__(self, teacher: nn.Module, augment: Augmenter, views: int, folder: Path):
+        super().__init__(teacher)
+        self.augment, self.views, self.folder = augment, views, folder
+        self.cache: torch.Tensor | None = None
+        self.info: dict | None = None
+        self.view = 0
+
+    def prepare(self, data: DataBundle, device: torch.device, start_epoch: int, epochs: int) -> None:
+        _freeze(self.teacher)
+        if start_epoch < epochs:  # a finished run needs no cache
+            self.cache, self.info = teacher_cache.load_or_build(self.teacher, data, self.augment, self.views,
+                                                                self.folder, device, write=parallel.is_main())
+
+    def start_epoch(self, view: int = 0) -> None:
+        self.view = view % self.views
+
+    def targets(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.cache[self.view][torch.as_tensor(idx)].to(x.device)
 
 
 class FeatureTeacher(LiveTeacher):
@@ -160,7 +192,7 @@ class PeerTeacher(TeacherSignal):
             p.requires_grad_(True)
         self.forward = parallel.wrap(self.teacher)  # after resuming: DDP broadcasts rank 0's weights
 
-    def start_epoch(self) -> None:
+    def start_epoch(self, view: int = 0) -> None:
         self.teacher.train()
 
     def targets(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -172,14 +204,19 @@ class PeerTeacher(TeacherSignal):
 
 
 def choose_signal(teacher: nn.Module | TeacherSignal | None, loss_fn: nn.Module, *, cache: bool,
-                  augmented: bool) -> TeacherSignal:
+                  augmented: bool, views: int | None = None, augment: Augmenter | None = None,
+                  folder: Path | None = None) -> TeacherSignal:
     """The signal for a frozen ``teacher`` (a signal passes through unchanged).
 
     Args:
         teacher: None (supervised), a frozen teacher module, or a :class:`TeacherSignal`.
         loss_fn: The loss: one that needs features gets a :class:`FeatureTeacher`.
         cache: Whether cached logits may be used (``distill.cache_teacher``).
-        augmented: Whether the batches are augmented (then logits cannot be cached).
+        augmented: Whether the batches are augmented (then only the augmented-teacher cache can be used).
+        views: With augmentation: the number of views epochs cycle through (None: a fresh view every epoch,
+            so no cache).
+        augment: The augmentation (it regenerates the cached views).
+        folder: Where the augmented-teacher cache lives.
     """
     if teacher is None:
         return NoTeacher()
@@ -187,4 +224,8 @@ def choose_signal(teacher: nn.Module | TeacherSignal | None, loss_fn: nn.Module,
         return teacher
     if losses.needs_features(loss_fn):
         return FeatureTeacher(teacher)
-    return CachedLogits(teacher) if cache and not augmented else LiveTeacher(teacher)
+    if cache and not augmented:
+        return CachedLogits(teacher)
+    if cache and views and augment is not None and folder is not None:
+        return AugmentedCache(teacher, augment, views, folder)
+    return LiveTeacher(teacher)
