@@ -34,6 +34,18 @@ class BundleFileChanged(BundleError, ArtifactChanged):
 
 
 BENCH_SOURCE = Path(__file__).resolve().parents[1] / "device_tests" / "bench.py"
+
+
+def bench_script() -> Path:
+    """device_tests/bench.py: from the source checkout, else from the installed wheel (edgekd.device_tests)."""
+    if BENCH_SOURCE.is_file():
+        return BENCH_SOURCE
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("edgekd.device_tests") / "bench.py"))
+    except ModuleNotFoundError:
+        return BENCH_SOURCE
 DEFAULT_DIRNAME = "bundle"
 
 README = """\
@@ -161,9 +173,10 @@ def make_bundle(run_dir: Path, out_dir: Path | None = None) -> Path:
     if not (run_dir / "eval.npz").is_file():
         raise BundleError(f"{run_dir / 'eval.npz'} not found: the device needs it to measure accuracy",
                           "run 'edgekd export' again")
-    if not BENCH_SOURCE.is_file():
-        raise BundleError(f"{BENCH_SOURCE} not found: bundles are made from an edgekd source checkout",
-                          "run from the repository (pip install -e .)")
+    bench = bench_script()
+    if not bench.is_file():
+        raise BundleError(f"{bench} not found: this edgekd install lacks its device script",
+                          "reinstall edgekd (pip install --force-reinstall edgekd)")
     model_files = _files_to_copy(run_dir, meta)
 
     out_dir = Path(out_dir).resolve() if out_dir is not None else run_dir / DEFAULT_DIRNAME
@@ -181,7 +194,7 @@ def make_bundle(run_dir: Path, out_dir: Path | None = None) -> Path:
         else:  # older runs: the labels are also in metadata.json
             (tmp / "labels.txt").write_text("".join(f"{lab}\n" for lab in meta.get("labels", [])),
                                             encoding="utf-8")
-        shutil.copy2(BENCH_SOURCE, tmp / "bench.py")
+        shutil.copy2(bench, tmp / "bench.py")
         (tmp / "bench.py").chmod(0o755)
         (tmp / "README.md").write_text(README.format(run=meta.get("run", run_dir.name),
                                                      n_models=len(meta.get("models", [])),
