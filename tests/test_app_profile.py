@@ -77,7 +77,7 @@ def test_to_pixels_and_calibration():
     x = _images(1, 4)
     px = to_pixels(x)
     assert px.dtype == np.uint8 and px.shape == (4, 8, 8, 3)
-    np.testing.assert_array_equal(px[..., 0], np.round(x[:, 0] * 255))
+    np.testing.assert_array_equal(px[..., 0], np.round(x[:, 0] / np.float32(1 / 255)))
     np.testing.assert_array_equal(px[..., 0], px[..., 2])
     xn = (x - 0.3) / 0.4
     np.testing.assert_array_equal(pixel_calibration(xn, (0.3,), (0.4,)), px.astype(np.float32))

@@ -143,7 +143,9 @@ def to_pixels(x_raw: np.ndarray) -> np.ndarray:
     x = np.asarray(x_raw, np.float32)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ExportError(f"app-profile inputs must be NCHW images with 1 or 3 channels, got shape {list(x.shape)}")
-    px = np.clip(np.round(x * PIXEL_SCALE), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    # Divided by float32(1/255), as the runtimes' prepare_input does with an app entry's normalization, so
+    # values halfway between two pixel levels round the same way for MediaPipe and for the parity check.
+    px = np.clip(np.round(x / np.float32(1.0 / PIXEL_SCALE)), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     if px.shape[-1] == 1:
         px = np.repeat(px, 3, axis=-1)
     return np.ascontiguousarray(px)

@@ -211,6 +211,16 @@ class _Session:
             self._refs[target.name] = np.concatenate(out)
         return self._refs[target.name]
 
+    def tidy_onnx(self, path: Path) -> None:
+        """Give a written .onnx file its metadata_props and drop unused opset imports (see onnx_app)."""
+        from edgekd import __version__
+        from edgekd.export.onnx import INPUT_NAME
+        from edgekd.export.onnx_app import finish_onnx_file, metadata_props
+
+        finish_onnx_file(path, metadata_props(labels=self.labels, input_name=INPUT_NAME, layout=self.layout,
+                                              normalization=self.norm, output="logits", version=__version__,
+                                              run=self.rd.name, image=self.layout == "NCHW"))
+
     # -- verification ---------------------------------------------------------------------------------
     def measure(self, path: Path, entry: dict[str, Any], target: Target) -> dict[str, Any]:
         from edgekd.runtimes import runtime_for
@@ -220,7 +230,7 @@ class _Session:
         with quiet():  # interpreters announce their delegates on stderr
             rt = runtime_for(path, entry)
             try:
-                out = rt.predict(self.x)
+                out = rt.predict(self.x, batch_size=deployment_batch(entry))
             except Exception as e:
                 text = str(e).strip()
                 op = operator_in(text)
@@ -253,6 +263,16 @@ class _Session:
         except Exception as e:  # diagnosis must never hide the verification result itself
             self.log(f"  (layer-by-layer comparison unavailable: {type(e).__name__}: {str(e)[:120]})")
             return None
+
+
+def deployment_batch(entry: dict[str, Any], batch: int = 1) -> int:
+    """The batch a file is measured at: what an app runs (``batch``, default 1) when the result depends on it.
+
+    Dynamic-range quantized files quantize activations with ranges taken from the whole batch, so a batch of
+    256 scores differently from the one image an app classifies; every other file gives the same answer at
+    any batch and is run in large batches for speed.
+    """
+    return batch if entry.get("precision") == "dynamic" else 256
 
 
 def _fmt_size(n: int) -> str:
@@ -308,6 +328,7 @@ class _Exporter:
                 from edgekd.export.onnx import export_onnx
 
                 route = export_onnx(target.model, s.sample(), path, what=target.name)
+                s.tidy_onnx(path)
             else:
                 from edgekd.export.tflite import export_tflite
 
@@ -389,6 +410,7 @@ class _Exporter:
             from edgekd.export.onnx import quantize_onnx
 
             route_name = quantize_onnx(fp32_path, path, precision, calib, s.cfg.calibration_method)
+            s.tidy_onnx(path)
         elif route == "ai-edge-quantizer":
             from edgekd.export.tflite import quantize_aeq
 
@@ -465,7 +487,8 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
                formats: list[str] | None = None, quantize: list[str] | str | None = None,
                nhwc: bool | None = None, int8_io: str | None = None, calibration_method: str | None = None,
                teacher: bool | None = None, verify: bool = True, log: Log | None = None,
-               cfg: ExportConfig | None = None, quiet: bool = True, check: bool = False) -> ExportReport:
+               cfg: ExportConfig | None = None, quiet: bool = True, check: bool = False,
+               app: bool | None = None, ort: bool | None = None) -> ExportReport:
     """Export the run's best student (and the teacher, fp32) to ONNX/TFLite, quantize, verify, describe.
 
     Args:
@@ -483,6 +506,9 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
         quiet: With no ``log``, False prints the progress lines.
         check: Raise (after writing and recording every file that could be written) when a conversion
             failed (:class:`ExportError`) or a file misses the tolerance (:class:`CheckFailed`).
+        app: Write app-profile .tflite files (default: ``export.app.enabled``, on for image runs); True for a
+            run without images is an error.
+        ort: Also write .ort files for ONNX Runtime Mobile (default: ``export.ort``).
 
     Returns:
         The report: the files written, failed conversions and files that miss the tolerance. Without
@@ -501,7 +527,9 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
     recipe = _load_recipe(rd)
     cfg = _merge_cfg(rd, recipe, cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
-                     calibration_method=calibration_method, teacher=teacher)
+                     calibration_method=calibration_method, teacher=teacher, ort=ort)
+    if app is not None:
+        cfg = cfg.model_copy(update={"app": cfg.app.model_copy(update={"enabled": app})})
     # The checkpoints and the test split that verifies the files are checked against the manifest before they
     # are loaded: a truncated student.pt is reported as changed (exit 1), not as a corrupt file; missing ones
     # are reported below.
@@ -521,6 +549,7 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     session = _Session(rd, cfg, verify, log)
     if cfg.nhwc and session.layout != "NCHW":
         log(f"--nhwc ignored: the inputs are {session.layout}, not images")
+    app = _app_plan(session, cfg)  # bad app settings fail here, before anything is written
     t0 = time.perf_counter()
     rd.stage_started("export")
     report = ExportReport(rd)
@@ -535,6 +564,10 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
                 fp32_entry = exporter.entries[-1]
                 for precision in cfg.quantize:
                     exporter.quantize(target, fmt, precision, fp32_entry)
+        if app is not None:
+            _export_app(session, exporter, student, app)
+        if cfg.ort:
+            _export_ort(session, exporter, student)
 
     _run_and_record(work, rd, "export", report, session, exporter, t0)
     if cfg.quantize and report.ok:
@@ -615,6 +648,78 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
     if check:
         report.raise_for_problems()
     return report
+
+
+def _app_plan(session: _Session, cfg: ExportConfig) -> tuple[Any, list[str]] | None:
+    """The app spec and labels when app-profile files are to be written (None: not asked, or not images).
+
+    Raises:
+        ExportError: The app profile was asked for a non-image run, with int8 I/O, or with a labels file
+            whose count differs from the classes.
+    """
+    from edgekd.export.app_profile import app_spec, check_app_io, read_labels_file
+
+    app_cfg = cfg.app
+    if app_cfg.enabled is False:
+        return None
+    spec = app_spec(session.layout, session.input_shape, session.norm, app_cfg.output, asked=app_cfg.enabled is True)
+    if spec is None:
+        return None
+    check_app_io(app_cfg.int8_io)
+    labels = read_labels_file(app_cfg.labels, len(session.labels)) if app_cfg.labels else list(session.labels)
+    if "tflite" not in cfg.formats:
+        session.log("app-profile files are .tflite files: not written (TFLite is not among the formats)")
+        return None
+    return spec, labels
+
+
+def _export_app(session: _Session, exporter: _Exporter, target: Target, plan: tuple[Any, list[str]]) -> None:
+    """Write the app-profile .tflite files of the student and merge their records into the export's."""
+    from edgekd.export.app_files import AppJob, export_app_files
+
+    spec, labels = plan
+    s = session
+    job = AppJob(rd_path=s.rd.path, run=s.rd.name, model_name=target.name, model=target.model, spec=spec,
+                 labels=labels, x=s.x, y=s.y, calibration=s.calibration, precisions=list(s.cfg.quantize),
+                 int8_io=s.cfg.app.int8_io, tolerance=s.cfg.tolerance, verify=s.verify, log=s.log)
+    result = export_app_files(job)
+    exporter.entries.extend(result.entries)
+    exporter.r.files.extend(result.files)
+    exporter.r.failures.extend(result.failures)
+    exporter.r.problems.extend(result.problems)
+    if result.metrics:
+        all_metrics = s.rd.metrics()
+        all_metrics.update(result.metrics)
+        write_json_atomic(s.rd / METRICS, all_metrics)
+
+
+def _export_ort(session: _Session, exporter: _Exporter, target: Target) -> None:
+    """Convert the student's .onnx files to .ort (ONNX Runtime Mobile) and verify each like its .onnx."""
+    from edgekd.export.onnx_app import ORT_CONFIG, convert_to_ort
+
+    s = session
+    sources = [e for e in exporter.entries if e["format"] == "onnx" and e["model"] == target.name]
+    if not sources:
+        return
+    try:
+        outs, _config = convert_to_ort([s.rd / e["file"] for e in sources], s.rd.path)
+    except ExportError as e:
+        exporter.r.failures.append(str(e))
+        s.log(f".ort files not written: {e}")
+        return
+    for src, path in zip(sources, outs):
+        entry = {**src, "file": path.name, "format": "ort", "size_bytes": path.stat().st_size,
+                 "sha256": sha256_file(path), "route": "onnxruntime-ort", "source": src["file"],
+                 "ort_config": ORT_CONFIG}
+        numbers = s.measure(path, entry, target) if s.verify else None
+        problem = parity.problem(numbers, src["precision"], s.cfg.tolerance) if numbers else None
+        src_acc = s.rd.metrics().get(src["file"], {}).get("test_accuracy")
+        if numbers and src_acc is not None and numbers["test_accuracy"] != src_acc:
+            problem = f"accuracy {numbers['test_accuracy']:.4f} differs from {src['file']}'s {src_acc:.4f}"
+        if problem:
+            exporter.r.problems.append(f"{path.name}: {problem}")
+        exporter._finish_file(path, entry, target, src["precision"], numbers, problem, {"source": src["file"]})
+    exporter.r.files.append(ORT_CONFIG)
 
 
 def _target_for(rd: RunDir, model: str) -> Target:

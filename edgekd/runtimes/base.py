@@ -23,6 +23,10 @@ def prepare_input(x_raw: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
     spec = entry["input"]
     if spec.get("layout") == "NHWC" and x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
+        shape = spec.get("shape") or []
+        if x.shape[-1] == 1 and len(shape) == 4 and shape[-1] == 3:
+            # A gray image for an RGB (app-profile) input: the app's bitmap has R = G = B.
+            x = np.repeat(x, 3, axis=-1)
     q = spec.get("quantization")
     dtype = spec.get("dtype", "float32")
     if q and dtype in _INT_RANGES:
@@ -133,7 +137,7 @@ class OnnxRuntime(Runtime):
     """An ONNX file in onnxruntime's CPU execution provider."""
 
     name = "onnxruntime"
-    formats = ("onnx",)
+    formats = ("onnx", "ort")  # .ort: ONNX Runtime Mobile's format, loaded by the same sessions
 
     def _load(self) -> None:
         import onnxruntime as ort
