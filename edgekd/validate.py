@@ -197,7 +197,7 @@ def run_validate(rd: RunDir, runtimes: list[str] | None = None, threads: int | N
         RunDirError: No models, no eval.npz, a recorded file is missing, or every model failed to run.
     """
     from edgekd.bench import parse_runtimes
-    from edgekd.runtimes import runtime_for
+    from edgekd.runtimes import deployment_batch, runtime_for
 
     runtimes = parse_runtimes(runtimes)
     if threads is not None and threads <= 0:
@@ -223,7 +223,9 @@ def run_validate(rd: RunDir, runtimes: list[str] | None = None, threads: int | N
         if problem is None:
             try:
                 t0 = time.perf_counter()
-                logits = runtime_for(rd / t.file, t.entry, threads, t.runtime).predict(x)
+                # Batch-1 truth: files whose answers depend on the batch are run as an app runs them.
+                logits = runtime_for(rd / t.file, t.entry, threads, t.runtime).predict(
+                    x, batch_size=deployment_batch(t.entry))
                 seconds = time.perf_counter() - t0
                 if logits.ndim != 2 or logits.shape[0] != len(y):
                     raise EdgeKDError(f"output shape {tuple(logits.shape)}, expected ({len(y)}, classes)")

@@ -131,11 +131,11 @@ class _AppWriter:
 
     def measure(self, path: Path, entry: dict[str, Any], precision: str) -> tuple[dict[str, Any], str | None]:
         from edgekd.export.common import quiet
-        from edgekd.runtimes import runtime_for
+        from edgekd.runtimes import deployment_batch, runtime_for
 
         with quiet():
             rt = runtime_for(path, entry)
-            out = rt.predict(self.job.x, batch_size=1 if precision == "dynamic" else 256)
+            out = rt.predict(self.job.x, batch_size=deployment_batch(entry))
         numbers = parity.compare(self.reference(entry), out, self.job.y)
         return numbers, parity.problem(numbers, precision, self.job.tolerance)
 

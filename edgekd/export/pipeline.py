@@ -223,9 +223,8 @@ class _Session:
 
     # -- verification ---------------------------------------------------------------------------------
     def measure(self, path: Path, entry: dict[str, Any], target: Target) -> dict[str, Any]:
-        from edgekd.runtimes import runtime_for
-
         from edgekd.export.common import operator_in, quiet
+        from edgekd.runtimes import deployment_batch, runtime_for
 
         with quiet():  # interpreters announce their delegates on stderr
             rt = runtime_for(path, entry)
@@ -263,16 +262,6 @@ class _Session:
         except Exception as e:  # diagnosis must never hide the verification result itself
             self.log(f"  (layer-by-layer comparison unavailable: {type(e).__name__}: {str(e)[:120]})")
             return None
-
-
-def deployment_batch(entry: dict[str, Any], batch: int = 1) -> int:
-    """The batch a file is measured at: what an app runs (``batch``, default 1) when the result depends on it.
-
-    Dynamic-range quantized files quantize activations with ranges taken from the whole batch, so a batch of
-    256 scores differently from the one image an app classifies; every other file gives the same answer at
-    any batch and is run in large batches for speed.
-    """
-    return batch if entry.get("precision") == "dynamic" else 256
 
 
 def _fmt_size(n: int) -> str:

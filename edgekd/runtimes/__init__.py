@@ -15,6 +15,6 @@ A metadata entry (one per exported file) looks like::
 
 from __future__ import annotations
 
-from edgekd.runtimes.base import Runtime, prepare_input, restore_output, runtime_for, RUNTIMES
+from edgekd.runtimes.base import RUNTIMES, Runtime, deployment_batch, prepare_input, restore_output, runtime_for
 
-__all__ = ["RUNTIMES", "Runtime", "prepare_input", "restore_output", "runtime_for"]
+__all__ = ["RUNTIMES", "Runtime", "deployment_batch", "prepare_input", "restore_output", "runtime_for"]

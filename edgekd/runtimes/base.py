@@ -45,6 +45,16 @@ def restore_output(y: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
     return np.asarray(y, dtype=np.float32)
 
 
+def deployment_batch(entry: dict[str, Any], batch: int = 1, fast: int = 256) -> int:
+    """The batch a file must be measured at so its accuracy is what an app gets.
+
+    Dynamic-range quantized files quantize activations with ranges taken over the whole batch, so a batch of
+    256 scores differently from the single image an app classifies: they run at ``batch`` (1, or a recipe's
+    deployment batch). Every other file gives the same answers at any batch and runs in ``fast`` batches.
+    """
+    return batch if entry.get("precision") == "dynamic" else fast
+
+
 class Runtime:
     """A model file loaded in one runtime.
 

@@ -1,0 +1,149 @@
+"""`edgekd export` with the app profile: app-profile .tflite files beside the research files, checked in
+MediaPipe's ImageClassifier, ONNX files with metadata_props, .ort files, batch-1 truth, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import TINY_RECIPE, write_recipe
+from edgekd.cli import cli
+from edgekd.export import run_export
+from edgekd.export.app_tflite import mediapipe_available
+from edgekd.run_dir import RunDir
+from edgekd.runtimes import runtime_for
+
+APP_FILES = ["student_app_fp32.tflite", "student_app_dynamic.tflite", "student_app_int8.tflite"]
+
+
+@pytest.fixture(scope="module")
+def app_run(tiny_run, tmp_path_factory):
+    run = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("app") / "tiny"))
+    report = run_export(run, quantize="dynamic,int8", teacher=False, ort=True)
+    return run, report
+
+
+def _meta(run: Path) -> dict:
+    return {e["file"]: e for e in json.loads((run / "metadata.json").read_text())["models"]}
+
+
+def test_app_files_are_written_and_described(app_run):
+    run, report = app_run
+    meta = _meta(run)
+    assert not report.failures, report.failures
+    for name in APP_FILES:
+        e = meta[name]
+        assert e["profile"] == "app" and e["output_kind"] == "probabilities" and e["pixel_scale"] == 255.0
+        assert e["input"]["shape"] == [1, 8, 8, 3] and e["input"]["layout"] == "NHWC"
+        assert e["signature_keys"]["serving_default"]["inputs"]
+        inside = e["app_normalization"]["inside_graph"]
+        data = json.loads((run / "data.json").read_text())["normalization"]
+        assert inside["unit"]["mean"] == pytest.approx(data["mean"])
+        assert inside["pixels"]["std"] == pytest.approx([255 * s for s in data["std"]])
+        assert e["app_normalization"]["client"]["pixels"] == {"mean": [0.0], "std": [1.0]}
+    int8 = meta["student_app_int8.tflite"]["input"]
+    assert int8["dtype"] == "uint8" and int8["quantization"] == {"scale": 1.0, "zero_point": 0}
+    assert "student_fp32.tflite" in meta  # the research files stay
+
+
+@pytest.mark.skipif(not mediapipe_available(), reason="mediapipe not installed (test extra)")
+def test_mediapipe_accuracy_equals_litert_for_every_app_file(app_run):
+    run, _ = app_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name in APP_FILES:
+        mp = metrics[name]["mediapipe"]
+        assert mp["mediapipe_accuracy"] == mp["litert_accuracy"], name
+        assert mp["samples"] == len(np.load(run / "eval.npz")["y"])
+
+
+def test_app_file_accuracy_in_litert_through_metadata_entry(app_run):
+    # What bench/validate/device scripts do: raw eval inputs prepared from the metadata.json entry alone.
+    run, _ = app_run
+    meta, metrics = _meta(run), json.loads((run / "metrics.json").read_text())
+    ev = np.load(run / "eval.npz")
+    for name in APP_FILES:
+        out = runtime_for(run / name, meta[name]).predict(ev["x"], batch_size=1)
+        assert float((out.argmax(1) == ev["y"]).mean()) == metrics[name]["test_accuracy"], name
+        np.testing.assert_allclose(out.sum(1), 1.0, atol=0.02)  # probabilities
+
+
+def test_dynamic_files_are_measured_at_batch_1(app_run):
+    run, _ = app_run
+    meta, metrics = _meta(run), json.loads((run / "metrics.json").read_text())
+    ev = np.load(run / "eval.npz")
+    for name in ("student_dynamic.onnx", "student_dynamic.ort"):
+        one = runtime_for(run / name, meta[name]).predict(ev["x"], batch_size=1)
+        assert metrics[name]["test_accuracy"] == float((one.argmax(1) == ev["y"]).mean()), name
+
+
+def test_onnx_metadata_props_and_ort_files(app_run):
+    import onnxruntime as ort
+
+    run, _ = app_run
+    meta, metrics = _meta(run), json.loads((run / "metrics.json").read_text())
+    labels = (run / "labels.txt").read_text().split()
+    for name in ("student_fp32.onnx", "student_int8.onnx"):
+        props = ort.InferenceSession(str(run / name)).get_modelmeta().custom_metadata_map
+        assert json.loads(props["labels"]) == labels and props["input_layout"] == "NCHW"
+        assert props["output"] == "logits" and props["edgekd_version"]
+    for prec in ("fp32", "dynamic", "int8"):
+        e = meta[f"student_{prec}.ort"]
+        assert e["format"] == "ort" and e["source"] == f"student_{prec}.onnx"
+        assert metrics[f"student_{prec}.ort"]["test_accuracy"] == metrics[f"student_{prec}.onnx"]["test_accuracy"]
+    assert "Conv" in (run / "required_operators.config").read_text()
+    assert "required_operators.config" in RunDir(run).manifest()["artifacts"]
+
+
+def _export(args: list[str]):
+    return CliRunner().invoke(cli, ["export", *args], catch_exceptions=False)
+
+
+def _one_line_error(result, text: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def _with_app_settings(tiny_run: Path, tmp_path: Path, app: dict) -> Path:
+    run = Path(shutil.copytree(tiny_run, tmp_path / "tiny"))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["export"] = {**(recipe.get("export") or {}), "app": app}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return run
+
+
+def test_int8_io_in_app_profile_is_refused(tiny_run, tmp_path):
+    run = _with_app_settings(tiny_run, tmp_path, {"int8_io": "int8"})
+    _one_line_error(_export(["--run", str(run), "--tflite"]), "int8 inputs/outputs cannot be used in the app profile")
+    assert not list(run.glob("*.tflite"))  # refused before anything is written
+
+
+def test_labels_file_with_wrong_count_is_refused(tiny_run, tmp_path):
+    labels = tmp_path / "names.txt"
+    labels.write_text("zero\none\ntwo\n")
+    run = _with_app_settings(tiny_run, tmp_path, {"labels": str(labels)})
+    _one_line_error(_export(["--run", str(run), "--tflite"]), "has 3 labels but the model has 10 classes")
+    assert not list(run.glob("*.tflite"))
+
+
+def test_app_profile_for_a_run_without_images_is_refused(tmp_path):
+    from edgekd.distill import run_distill
+    from edgekd.recipe import load_recipe
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "feats.npz", x=rng.normal(size=(120, 16)).astype(np.float32), y=rng.integers(0, 3, 120))
+    recipe = write_recipe(tmp_path / "nf.yaml", data={**TINY_RECIPE, "data": {"dataset": "npz",
+                                                                               "path": str(tmp_path / "feats.npz")}},
+                          teacher={"model": "mlp", "kwargs": {"hidden": 8, "depth": 1}, "epochs": 1},
+                          student={"model": "mlp", "kwargs": {"hidden": 4, "depth": 1}},
+                          distill={"epochs": 1})
+    rd = run_distill(load_recipe(recipe), out=tmp_path / "exported", quiet=True)
+    _one_line_error(_export(["--run", str(rd.path), "--tflite", "--app"]), "the app profile needs an image run")
+    assert not list(rd.path.glob("*.tflite"))
