@@ -147,3 +147,58 @@ def test_app_profile_for_a_run_without_images_is_refused(tmp_path):
     rd = run_distill(load_recipe(recipe), out=tmp_path / "exported", quiet=True)
     _one_line_error(_export(["--run", str(rd.path), "--tflite", "--app"]), "the app profile needs an image run")
     assert not list(rd.path.glob("*.tflite"))
+
+
+# -- README "Use it in an app" ------------------------------------------------------------------------------
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+APP_SECTION = README.split("## Use it in an app", 1)[1].split("\n## ", 1)[0]
+DEMO_RECIPE = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mnist.yaml").read_text())
+
+
+def _snippets(lang: str) -> list[str]:
+    import re
+
+    return re.findall(rf"```{lang}\n(.*?)```", APP_SECTION, flags=re.S)
+
+
+def test_app_snippets_name_the_demo_runs_files():
+    from edgekd.export.app_profile import app_file_name
+
+    import re
+
+    # The demo recipe prunes, so its best student is student_pruned; mnist digits are 28x28.
+    assert DEMO_RECIPE.get("prune") and DEMO_RECIPE["data"]["dataset"] == "mnist"
+    app_file = app_file_name("student_pruned", "int8")
+    assert "int8" in DEMO_RECIPE["export"]["quantize"] and "tflite" in DEMO_RECIPE["export"]["formats"]
+    for lang in ("kotlin", "python"):
+        assert any(app_file in s for s in _snippets(lang)), lang
+    assert any('forResource: "student_pruned_app_int8", ofType: "tflite"' in s for s in _snippets("swift"))
+    assert any("student_pruned_int8.onnx" in s for s in _snippets("python"))
+    names = set(re.findall(r"\b[\w]+\.(?:tflite|onnx|ort)\b", APP_SECTION))
+    assert names <= {app_file, "student_pruned_int8.onnx", "student_pruned_int8.ort", "student_int8.tflite"}, names
+    assert set(re.findall(r"\((\d+), (\d+)\)", APP_SECTION)) == {("28", "28")}
+    demo = Path(__file__).parents[1] / "exported" / "mnist" / "metadata.json"
+    if demo.is_file():  # after `make demo` (CI): the snippets' files and sizes are the run's
+        meta = {e["file"]: e for e in json.loads(demo.read_text())["models"]}
+        assert meta[app_file]["input"]["shape"] == [1, 28, 28, 3]
+        assert meta["student_pruned_int8.onnx"]["input"]["shape"][2:] == [28, 28]
+
+
+@pytest.mark.skipif(not mediapipe_available(), reason="mediapipe not installed (test extra)")
+def test_python_app_snippets_run_on_an_exported_run(app_run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    run, _ = app_run
+    ev = np.load(run / "eval.npz")
+    # The tiny run's digit as the app would have it: an 8-bit gray PNG, the class the file predicts.
+    Image.fromarray(np.round(ev["x"][0, 0] * 255).astype(np.uint8), mode="L").save(tmp_path / "digit.png")
+    for name in ("student_app_int8.tflite", "student_int8.onnx"):
+        shutil.copy(run / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    labels = (run / "labels.txt").read_text().split()
+    for code in _snippets("python"):
+        code = code.replace("student_pruned", "student").replace("(28, 28)", "(8, 8)")
+        printed: list[str] = []
+        exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
+        assert printed and printed[0].split()[0] in labels, printed

@@ -85,14 +85,6 @@ def app_entry_normalization(spec: AppSpec, raw_channels: int) -> dict[str, list[
     return {"mean": [0.0] * raw_channels, "std": [1.0 / PIXEL_SCALE] * raw_channels}
 
 
-def _signature_keys(path: Path) -> dict[str, Any]:
-    from edgekd.runtimes.base import _tflite_interpreter_class
-
-    cls, _ = _tflite_interpreter_class()
-    sigs = cls(model_path=str(path)).get_signature_list()
-    return {k: {"inputs": list(v["inputs"]), "outputs": list(v["outputs"])} for k, v in sigs.items()}
-
-
 class _AppWriter:
     def __init__(self, job: AppJob):
         self.job = job
@@ -111,8 +103,8 @@ class _AppWriter:
         entry = meta_mod.build_entry(path, j.model_name, precision, "NHWC", norm, j.labels, route)
         entry["input"]["color"] = "RGB"
         entry.update({"profile": "app", "output_kind": j.spec.output, "pixel_scale": PIXEL_SCALE,
-                      "app_normalization": j.spec.normalization_record(),
-                      "signature_keys": _signature_keys(path), "tflite_metadata": True})
+                      "app_normalization": j.spec.normalization_record(), "tflite_metadata": True})
+        entry.pop("normalization_pixels", None)  # the app entry's normalization is the pixel scaling itself
         return entry
 
     def reference(self, entry: dict[str, Any]) -> np.ndarray:
