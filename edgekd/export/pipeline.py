@@ -597,7 +597,8 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
     if not cfg.quantize:
         raise ExportError("no precision to quantize to", "pass --precision int8 (or fp16, dynamic)")
     meta = meta_mod.read_metadata(rd)
-    fp32 = [e for e in meta["models"] if e.get("precision") == "fp32"]
+    # App-profile files are quantized by `edgekd export` from the wrapped model (pixel calibration), not here.
+    fp32 = [e for e in meta["models"] if e.get("precision") == "fp32" and e.get("profile", "research") == "research"]
     if files:
         names = {Path(f).name for f in files}
         unknown = sorted(names - {e["file"] for e in fp32})

@@ -289,6 +289,8 @@ def retype_io(model_bytes: bytes, io_type: str) -> bytes:
         # Boundaries the quantizer left in float (e.g. a softmax output PT2E does not annotate) stay as they are.
         return sg.tensors[idx].type == fb.TensorType.INT8
 
+    if not any(is_int8(idx) for idx in list(sg.inputs) + list(sg.outputs)):
+        raise ExportError("retype_io needs a model with quantized int8 inputs or outputs")
     remap: dict[int, int] = {}
     for pos, idx in enumerate(list(sg.inputs)):
         if not is_int8(idx):
