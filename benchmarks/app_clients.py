@@ -58,10 +58,21 @@ print(json.dumps({"metadata": md, "packed_files": shown.get_packed_associated_fi
 
 
 def _tfs_python() -> Path:
+    """The tflite-support venv's python (created on first use).
+
+    tflite-support's native extension links libusb-1.0, which minimal Linux images lack; the libusb-package
+    wheel carries it, and a ``libusb-1.0.so.0`` link to it goes on LD_LIBRARY_PATH (see :func:`task_library`).
+    """
     py = TFS_VENV / "bin" / "python"
     if not py.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(TFS_VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "tflite-support==0.4.4", "numpy<2"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "tflite-support==0.4.4", "numpy<2",
+                        "libusb-package==1.0.30.0"], check=True)
+    link = TFS_VENV / "libusb" / "libusb-1.0.so.0"
+    if not link.exists():
+        lib = next(TFS_VENV.glob("lib/python*/site-packages/libusb_package/libusb-1.0.so"))
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(lib)
     return py
 
 
@@ -69,8 +80,10 @@ def task_library(path: Path, pixels: np.ndarray) -> dict:
     """Metadata and top-1 predictions of one file in the TFLite Task Library (separate venv)."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "x.npy", pixels)
-        proc = subprocess.run([str(_tfs_python()), "-c", _TFS_SCRIPT, str(path), str(Path(tmp) / "x.npy")],
-                              capture_output=True, text=True, timeout=900)
+        py = _tfs_python()
+        env = {**os.environ, "LD_LIBRARY_PATH": str(TFS_VENV / "libusb")}
+        proc = subprocess.run([str(py), "-c", _TFS_SCRIPT, str(path), str(Path(tmp) / "x.npy")],
+                              capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -118,7 +131,7 @@ def main() -> None:
             onnx_rows.append(r)
             print(json.dumps(r))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "app_clients.json").write_text(json.dumps({"run": str(run), "samples": int(len(y)), "tflite": rows,
+    (RESULTS / "app_clients.json").write_text(json.dumps({"run": run.name, "samples": int(len(y)), "tflite": rows,
                                                           "onnx": onnx_rows}, indent=2))
     lines = ["| file | input | LiteRT | MediaPipe | Task Library |", "|---|---|---|---|---|"]
     for r in rows:

@@ -240,7 +240,8 @@ def run_validate(rd: RunDir, runtimes: list[str] | None = None, threads: int | N
             continue
         pred = logits.argmax(1)
         row = {"model": t.stem, "file": t.file, "source_model": t.source_model, "runtime": t.runtime,
-               "format": t.format, "precision": t.precision, **_classification(pred, y, num_classes),
+               "format": t.format, "precision": t.precision, "profile": (t.entry or {}).get("profile", "research"),
+               **_classification(pred, y, num_classes),
                "agreement_teacher": float((pred == refs["teacher"]).mean()) if "teacher" in refs else None,
                "agreement_student_fp32": float((pred == refs["student"]).mean()) if "student" in refs else None,
                "size_bytes": _size(rd, t.file), "n_eval": int(len(y)), "seconds": round(seconds, 3)}
@@ -315,7 +316,8 @@ def _candidates(validation: dict[str, Any], bench: dict[str, Any]) -> list[dict[
         lat = [b for b in bench.get("rows", []) if b["file"] == r["file"] and b["runtime"] == r["runtime"]]
         best = min(lat, key=lambda b: b["p50_ms"]) if lat else None
         out.append({"file": r["file"], "model": r["model"], "source_model": r["source_model"],
-                    "runtime": r["runtime"], "precision": r["precision"], "test_accuracy": r["test_accuracy"],
+                    "runtime": r["runtime"], "precision": r["precision"], "profile": r.get("profile", "research"),
+                    "test_accuracy": r["test_accuracy"],
                     "accuracy_drop_vs_teacher": r.get("accuracy_drop_vs_teacher"), "size_bytes": r["size_bytes"],
                     "p50_ms": best["p50_ms"] if best else None, "threads": best["threads"] if best else None,
                     "batch": best.get("batch") if best else None})
@@ -363,6 +365,11 @@ def recommend(validation: dict[str, Any], bench: dict[str, Any], budgets: Any | 
     if max_kb is not None:
         rule += f" and at most {max_kb:g} KB (validate.max_size_kb)"
     ok = [c for c in cands if accurate(c) and (max_kb is None or c["size_bytes"] / 1024 <= max_kb)]
+    if any(c["profile"] == "app" for c in ok):
+        # Image runs: recommend a file apps load unchanged (pixels in, metadata, labels); the research files
+        # compute the same and stay in the candidates.
+        ok = [c for c in ok if c["profile"] == "app"]
+        rule += ", among the app-profile files"
     timed = [c for c in ok if c["p50_ms"] is not None]
     if timed:
         best = min(timed, key=lambda c: c["p50_ms"])
