@@ -44,6 +44,8 @@ def exported(tiny_run: Path, tmp_path_factory) -> Path:
 
 
 STUDENT_FILES = {f"student_{p}.{ext}" for p in ("fp32", "int8", "dynamic") for ext in ("onnx", "tflite")}
+# An image run also gets app-profile files (pixels in, metadata); validate and bench measure them like the others.
+STUDENT_FILES |= {f"student_app_{p}.tflite" for p in ("fp32", "int8", "dynamic")}
 
 
 @pytest.fixture
