@@ -73,6 +73,13 @@ Options: `--threads N` (default: cores, at most 4), `--runs N` (timed runs, defa
 `--warmup N` (default 10). `pi.json` holds the device, the accuracy of each model on `eval.npz` and its
 batch-1 latency (p50/p90/p99/mean ms); models the runtime cannot run are listed under `skipped`.
 
+## In an app
+
+`*_app_*.tflite` files load unchanged in MediaPipe's `ImageClassifier` (Android, iOS, Python) and the TFLite
+Task Library: RGB pixels in, labels and normalization in the file's metadata. `.onnx` files carry their labels
+and normalization in `metadata_props`; `.ort` files (if exported with `--ort`) are for ONNX Runtime Mobile.
+See "Use it in an app" in edgekd's README for the code.
+
 ## Android
 
 Use `device_tests/android/run_android.sh` from the edgekd repository with this folder: it pushes the
@@ -131,6 +138,9 @@ def _files_to_copy(run_dir: Path, meta: dict) -> list[str]:
             raise BundleFileChanged(f"{path} differs from the sha256 in metadata.json: it was changed or damaged",
                                     "export the run again", files=[rel])
         files.append(rel)
+        config = entry.get("ort_config") if isinstance(entry, dict) else None
+        if isinstance(config, str) and Path(config).name == config and (run_dir / config).is_file():
+            files.append(config)  # required_operators.config: what a reduced ONNX Runtime Mobile build needs
         if path.suffix.lower() == ".onnx":
             for data_rel in _onnx_external_files(path):
                 data_path = path.parent / data_rel

@@ -202,3 +202,13 @@ def test_python_app_snippets_run_on_an_exported_run(app_run, tmp_path, monkeypat
         printed: list[str] = []
         exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
         assert printed and printed[0].split()[0] in labels, printed
+
+
+def test_bundle_carries_app_files_and_ort_config(app_run, tmp_path):
+    from edgekd.bundle import make_bundle
+
+    run, _ = app_run
+    out = make_bundle(run, tmp_path / "bundle")
+    names = {p.name for p in out.iterdir()}
+    assert set(APP_FILES) | {"student_int8.ort", "required_operators.config"} <= names
+    assert (out / "student_app_int8.tflite").read_bytes() == (run / "student_app_int8.tflite").read_bytes()
