@@ -212,3 +212,20 @@ def test_bundle_carries_app_files_and_ort_config(app_run, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert set(APP_FILES) | {"student_int8.ort", "required_operators.config"} <= names
     assert (out / "student_app_int8.tflite").read_bytes() == (run / "student_app_int8.tflite").read_bytes()
+
+
+@pytest.mark.skipif(not mediapipe_available(), reason="mediapipe not installed (test extra)")
+def test_validate_measures_app_files_in_mediapipe_too(app_run, tmp_path):
+    from edgekd.validate import run_validate
+
+    run = Path(shutil.copytree(app_run[0], tmp_path / "tiny"))
+    result = run_validate(RunDir(run), runtimes=["litert", "mediapipe", "onnxruntime"]).to_json()
+    rows = {(r["file"], r["runtime"]): r for r in result["rows"]}
+    for name in APP_FILES:
+        mp, lite = rows[(name, "mediapipe")], rows[(name, "litert")]
+        # LiteRT gets digits' x * 255 unrounded (float files), MediaPipe uint8 bitmaps: a sample may differ here;
+        # export compares the two on the same uint8 images and requires equality.
+        assert mp["profile"] == "app" and abs(mp["test_accuracy"] - lite["test_accuracy"]) <= 1 / mp["n_eval"], name
+    assert not [s for s in result["skipped"] if s["runtime"] == "mediapipe"]
+    assert ("student_fp32.tflite", "mediapipe") not in rows  # research files are not MediaPipe's
+    assert ("student_int8.ort", "onnxruntime") in rows

@@ -248,15 +248,34 @@ class LiteRTRuntime(Runtime):
 RUNTIMES: dict[str, type[Runtime]] = {"torch": TorchRuntime, "onnxruntime": OnnxRuntime, "litert": LiteRTRuntime}
 
 
+_OPTIONAL_CHECKED: set[str] = set()
+
+
+def optional_runtime(name: str) -> bool:
+    """Register an optional runtime (``mediapipe``) if its package is installed; whether it is available.
+
+    Checked on first use, not on import: importing MediaPipe takes seconds that most commands do not need.
+    """
+    if name != "mediapipe":
+        return name in RUNTIMES
+    if name not in _OPTIONAL_CHECKED:
+        _OPTIONAL_CHECKED.add(name)
+        from edgekd.runtimes.mediapipe import MediaPipeRuntime, mediapipe_installed
+
+        if mediapipe_installed():
+            RUNTIMES[name] = MediaPipeRuntime
+    return name in RUNTIMES
+
+
 def runtime_for(path: str | os.PathLike, entry: dict[str, Any], threads: int | None = None,
                 runtime: str | None = None) -> Runtime:
     """Load ``path`` in the named runtime, or the one its format needs."""
     if runtime is not None:
-        if runtime not in RUNTIMES:
+        if runtime not in RUNTIMES and not optional_runtime(runtime):
             raise EdgeKDError(f"unknown runtime {runtime!r}", f"choose from: {', '.join(RUNTIMES)}")
         return RUNTIMES[runtime](path, entry, threads)
     fmt = entry.get("format") or Path(path).suffix.lstrip(".")
-    for cls in RUNTIMES.values():
+    for cls in (TorchRuntime, OnnxRuntime, LiteRTRuntime):  # the format's own runtime, never a client
         if fmt in cls.formats:
             return cls(path, entry, threads)
     raise EdgeKDError(f"no runtime for format {fmt!r} ({path})")

@@ -13,10 +13,11 @@ from typing import Any
 from edgekd.errors import EdgeKDError, RunDirError
 from edgekd.results import REFERENCE_MODELS
 from edgekd.run_dir import RunDir, read_metadata, sha256_file
+from edgekd.runtimes.base import RUNTIMES, optional_runtime
 
 # Roles the distill stage writes, in the order tables list them; other checkpoints (a pruned student) follow.
 _ROLE_ORDER = ("teacher", "baseline", "student")
-_FORMAT_RUNTIME = {"pt": "torch", "onnx": "onnxruntime", "tflite": "litert"}
+_FORMAT_RUNTIME = {"pt": "torch", "onnx": "onnxruntime", "ort": "onnxruntime", "tflite": "litert"}
 
 
 @dataclass
@@ -71,8 +72,12 @@ def _exported_targets(rd: RunDir, data: dict[str, Any]) -> list[ModelTarget]:
         runtime = _FORMAT_RUNTIME.get(fmt)
         if runtime is None:
             continue
-        targets.append(ModelTarget(entry["file"], str(entry.get("model") or Path(entry["file"]).stem.split("_")[0]),
-                                   runtime, fmt, str(entry.get("precision", "fp32")), entry))
+        source = str(entry.get("model") or Path(entry["file"]).stem.split("_")[0])
+        targets.append(ModelTarget(entry["file"], source, runtime, fmt, str(entry.get("precision", "fp32")), entry))
+        if entry.get("profile") == "app" and optional_runtime("mediapipe"):
+            # App-profile files are also measured in the client apps use (MediaPipe's ImageClassifier).
+            targets.append(ModelTarget(entry["file"], source, "mediapipe", fmt, str(entry.get("precision", "fp32")),
+                                       entry))
     return targets
 
 
@@ -139,7 +144,7 @@ def parse_runtimes(text: str | list[str] | None) -> list[str] | None:
         return None
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
     for name in items:
-        if name not in RUNTIMES:
+        if name not in RUNTIMES and not optional_runtime(name):
             raise EdgeKDError(f"unknown runtime {name!r}", f"choose from: {', '.join(RUNTIMES)}")
     if not items:
         raise EdgeKDError("--runtime is empty", f"choose from: {', '.join(RUNTIMES)}")
