@@ -24,12 +24,17 @@ LABELS = [f"class_{i}" for i in range(5)]
 
 
 def _model(channels: int) -> torch.nn.Module:
+    """A zoo CNN whose answers vary from image to image (checked), so agreement between clients means something."""
     torch.manual_seed(channels)
     model = build_model("cnn", (channels, 8, 8), len(LABELS), {"width": 4, "depth": 2})
     model.train()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         for _ in range(3):
             model(torch.randn(32, channels, 8, 8))
+        for m in model.modules():  # spread the logits: random images must not all land in one class
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(20.0)
+                m.bias.zero_()
     return model.eval()
 
 
@@ -139,6 +144,7 @@ def test_app_files_run_in_mediapipe_like_litert(tmp_path, channels, norm):
     spec, files = _app_files(tmp_path, channels, norm, x)
     pixels = to_pixels(x)
     y = litert_top1(files["fp32"], pixels)  # labels = the fp32 file's answers: accuracies are then meaningful
+    assert len(np.unique(y)) >= 2  # the answers vary, so equal accuracies are not a constant prediction
     from ai_edge_litert.interpreter import Interpreter
 
     for name, path in files.items():
@@ -175,3 +181,20 @@ def test_mediapipe_refusal_names_the_file(tmp_path):
     export_tflite(_model(1), torch.zeros(1, 1, 8, 8), path, nhwc=True)
     with pytest.raises(ExportError, match=r"student_fp32.tflite does not run in MediaPipe's ImageClassifier: "):
         check_in_mediapipe(path, to_pixels(_images(1, 4)), np.zeros(4, np.int64))
+
+
+@needs_mediapipe
+def test_metadata_that_misleads_mediapipe_fails_the_check(tmp_path):
+    from edgekd.errors import CheckFailed
+    from edgekd.export.tflite_metadata import attach_metadata
+
+    x = _images(3, 96)
+    spec = app_spec("NCHW", (3, 8, 8), NORM3)
+    path = tmp_path / "student_app_fp32.tflite"
+    export_tflite(AppModel(_model(3), spec).eval(), torch.from_numpy(to_pixels(x[:1]).astype(np.float32)), path)
+    info = classifier_info(spec, LABELS, "student", "fp32", "run", "0.1.0")
+    info.mean, info.std = [127.5], [127.5]  # tells the client to feed -1..1 where the graph expects 0..255
+    path.write_bytes(attach_metadata(path.read_bytes(), info))
+    pixels = to_pixels(x)
+    with pytest.raises(CheckFailed, match=r"student_app_fp32.tflite: MediaPipe's ImageClassifier scores .* but LiteRT"):
+        check_in_mediapipe(path, pixels, litert_top1(path, pixels))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgekd import __version__
-from edgekd.errors import ExportError
+from edgekd.errors import CheckFailed, ExportError
 from edgekd.export import metadata as meta_mod
 from edgekd.export import parity
 from edgekd.export.app_profile import (PIXEL_SCALE, AppModel, AppSpec, app_file_name, check_app_io,
@@ -153,8 +153,12 @@ class _AppWriter:
             if mediapipe_available():
                 try:
                     metrics["mediapipe"] = check_in_mediapipe(path, self.pixels, j.y)
-                except ExportError as e:
+                except ExportError as e:  # MediaPipe refuses the file: exit 2
                     r.failures.append(str(e))
+                    metrics["mediapipe"] = {"error": str(e)}
+                    problem = problem or str(e)
+                except CheckFailed as e:  # it runs, but answers differently from LiteRT: exit 1
+                    r.problems.append(str(e))
                     metrics["mediapipe"] = {"error": str(e)}
                     problem = problem or str(e)
             else:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgekd.errors import ExportError
+from edgekd.errors import CheckFailed, ExportError
 from edgekd.export.app_profile import AppSpec
 from edgekd.export.tflite_metadata import ImageClassifierInfo, attach_metadata
 from edgekd.run_dir import atomic_path
@@ -145,14 +145,15 @@ def check_in_mediapipe(path: Path, pixels: np.ndarray, y: np.ndarray) -> dict[st
         ``{"mediapipe_accuracy", "litert_accuracy", "mediapipe_agreement", "samples"}``.
 
     Raises:
-        ExportError: MediaPipe cannot load or run the file, or its accuracy differs from LiteRT's.
+        ExportError: MediaPipe cannot load or run the file (exit code 2).
+        CheckFailed: MediaPipe's accuracy differs from LiteRT's (exit code 1).
     """
     mp_pred = mediapipe_top1(path, pixels)
     lite_pred = litert_top1(path, pixels)
     numbers = {"mediapipe_accuracy": float((mp_pred == y).mean()), "litert_accuracy": float((lite_pred == y).mean()),
                "mediapipe_agreement": float((mp_pred == lite_pred).mean()), "samples": int(len(y))}
     if numbers["mediapipe_accuracy"] != numbers["litert_accuracy"]:
-        raise ExportError(f"{Path(path).name}: MediaPipe's ImageClassifier scores {numbers['mediapipe_accuracy']:.4f} "
+        raise CheckFailed(f"{Path(path).name}: MediaPipe's ImageClassifier scores {numbers['mediapipe_accuracy']:.4f} "
                           f"but LiteRT {numbers['litert_accuracy']:.4f} on the same images "
                           f"(agreement {100 * numbers['mediapipe_agreement']:.2f}%)",
                           "report it with the file; the metadata or the input layout does not match the model")

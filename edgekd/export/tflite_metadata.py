@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import flatbuffers
@@ -71,7 +71,6 @@ class ImageClassifierInfo:
     output_description: str = "Probabilities of the classes named in labels.txt."
     author: str = "edgekd"
     license: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _floats(b: flatbuffers.Builder, values: Sequence[float]) -> int:
