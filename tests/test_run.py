@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import TINY_RECIPE, ctrl_c_after, write_recipe
 
 from edgekd.cli import cli
-from edgekd.runtimes.base import optional_runtime
+from edgekd.runtimes import get_runtime
 from edgekd.run_dir import RunDir
 
 # The tiny recipe cut to one epoch, with every optional stage, as small as each can be.
@@ -50,7 +50,7 @@ def test_run_chains_every_stage_then_skips_what_is_done(tmp_path: Path):
     assert f"report: {run / 'report.html'}" in text
     rows = json.loads((run / "report.json").read_text())["rows"]
     app_rows = {("student_pruned_app_fp32.tflite", "litert")}
-    if optional_runtime("mediapipe"):
+    if get_runtime("mediapipe").available():
         app_rows.add(("student_pruned_app_fp32.tflite", "mediapipe"))
     assert {(r["file"], r["runtime"]) for r in rows} == {("teacher.pt", "torch"), ("student.pt", "torch"),
                                                         ("student_pruned.pt", "torch"),

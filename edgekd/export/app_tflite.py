@@ -83,9 +83,9 @@ def finish_app_file(path: Path, info: ImageClassifierInfo) -> None:
 def litert_top1(path: Path, pixels: np.ndarray) -> np.ndarray:
     """Top-1 class per image from LiteRT, fed the same uint8 RGB pixels MediaPipe gets (as its dtype)."""
     from edgekd.export.common import quiet
-    from edgekd.runtimes.base import _tflite_interpreter_class
+    from edgekd.runtimes.litert import interpreter_class
 
-    cls, _ = _tflite_interpreter_class()
+    cls, _ = interpreter_class()
     with quiet():
         it = cls(model_path=str(path))
         it.allocate_tensors()

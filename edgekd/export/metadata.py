@@ -1,7 +1,8 @@
 """``metadata.json``: what an app (or bench/validate/device scripts) needs to run every exported file.
 
 Input/output names, shapes, dtypes and quantization parameters are read back from the runtimes
-(onnxruntime, LiteRT's interpreter), never assumed from what the exporter was asked to do.
+(onnxruntime, LiteRT's interpreter), never assumed from what the exporter was asked to do: each file's
+export backend (:mod:`edgekd.export.backends`) describes it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import RunDirError
-from edgekd.export.common import tool_versions
+from edgekd.export.backends import backend_for
 from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -20,15 +21,8 @@ PIXEL_SCALE = 255.0
 
 
 def describe_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Input and output specs of a model file as its runtime reports them."""
-    fmt = path.suffix.lstrip(".")
-    if fmt == "onnx":
-        from edgekd.export.onnx import describe_onnx
-
-        return describe_onnx(path)
-    from edgekd.export.tflite import describe_tflite
-
-    return describe_tflite(path)
+    """Input and output specs of a model file as its runtime reports them (asked of the file's backend)."""
+    return backend_for(path).io_spec(Path(path))
 
 
 def build_entry(path: Path, model: str, precision: str, layout: str, normalization: dict[str, Any],
@@ -45,14 +39,14 @@ def build_entry(path: Path, model: str, precision: str, layout: str, normalizati
         route: The tool chain that produced the file.
         **extra: Further keys (e.g. ``routes_tried``).
     """
-    fmt = path.suffix.lstrip(".")
-    inp, out = describe_file(path)
-    inp["layout"] = layout
+    desc = backend_for(path).describe(Path(path))
+    desc["input"]["layout"] = layout
+    fmt = desc["format"]
     entry = {
         "file": path.name, "model": model, "format": fmt, "precision": precision,
-        "input": inp, "output": out, "normalization": normalization, "labels": list(labels),
+        "input": desc["input"], "output": desc["output"], "normalization": normalization, "labels": list(labels),
         "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "route": route,
-        "tool_versions": tool_versions(fmt), "profile": "research", "output_kind": "logits",
+        "tool_versions": desc["tool_versions"], "profile": "research", "output_kind": "logits",
     }
     if fmt == "tflite":
         entry["signature_keys"] = signature_keys(path)
@@ -67,9 +61,9 @@ def build_entry(path: Path, model: str, precision: str, layout: str, normalizati
 def signature_keys(path: Path) -> dict[str, dict[str, list[str]]]:
     """A .tflite file's signatures (what Android's ``Interpreter.runSignature`` and LiteRT's
     ``get_signature_runner`` take): ``{key: {"inputs": [...], "outputs": [...]}}``."""
-    from edgekd.runtimes.base import _tflite_interpreter_class
+    from edgekd.runtimes.litert import interpreter_class
 
-    cls, _ = _tflite_interpreter_class()
+    cls, _ = interpreter_class()
     sigs = cls(model_path=str(path)).get_signature_list()
     return {k: {"inputs": list(v.get("inputs", [])), "outputs": list(v.get("outputs", []))} for k, v in sigs.items()}
 

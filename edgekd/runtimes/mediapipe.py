@@ -12,23 +12,25 @@ from __future__ import annotations
 import numpy as np
 
 from edgekd.errors import ExportError
-from edgekd.runtimes.base import Runtime, prepare_input
+from typing import Any
+
+from edgekd.runtimes.base import Runtime, installed, prepare_input, register_runtime
 
 
-def mediapipe_installed() -> bool:
-    """Whether MediaPipe Tasks' vision module imports."""
-    try:
-        from mediapipe.tasks.python import vision  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything on import
-        return False
-    return True
-
-
+@register_runtime
 class MediaPipeRuntime(Runtime):
     """An app-profile ``.tflite`` file in MediaPipe's ``ImageClassifier`` (scores of every class)."""
 
     name = "mediapipe"
-    formats = ("tflite",)
+    suffixes = (".tflite",)
+
+    @classmethod
+    def available(cls) -> bool:
+        return installed("mediapipe")
+
+    @classmethod
+    def accepts(cls, entry: dict[str, Any] | None) -> bool:
+        return bool(entry) and entry.get("profile") == "app"
 
     def _load(self) -> None:
         if self.entry.get("profile") != "app":
