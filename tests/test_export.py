@@ -192,7 +192,8 @@ def test_metadata_matches_what_the_runtimes_report(exported):
                     assert spec["quantization"] == {"scale": pytest.approx(scale), "zero_point": zp}
                 else:
                     assert spec["quantization"] is None
-        assert e["input"]["layout"] == "NCHW"
+        # Research files keep PyTorch's layout; app-profile files take camera pixels (NHWC RGB).
+        assert e["input"]["layout"] == ("NHWC" if e["profile"] == "app" else "NCHW")
 
 
 def test_int8_tflite_io_types_and_nhwc_match_nchw(trained_run, exported, tmp_path):
