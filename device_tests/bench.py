@@ -253,6 +253,9 @@ def preprocess(x, entry: dict, meta: dict, np):
     inp = entry.get("input") or {}
     if inp.get("layout") == "NHWC" and xn.ndim == 4:
         xn = xn.transpose(0, 2, 3, 1)
+        shape = inp.get("shape") or []
+        if xn.shape[-1] == 1 and len(shape) == 4 and shape[-1] == 3:
+            xn = np.repeat(xn, 3, axis=-1)  # gray image, RGB (app-profile) input: R = G = B
     xn = np.ascontiguousarray(xn, dtype=np.float32)
     dtype = inp.get("dtype", "float32")
     quant = inp.get("quantization")

@@ -34,6 +34,18 @@ class BundleFileChanged(BundleError, ArtifactChanged):
 
 
 BENCH_SOURCE = Path(__file__).resolve().parents[1] / "device_tests" / "bench.py"
+
+
+def bench_script() -> Path:
+    """device_tests/bench.py: from the source checkout, else from the installed wheel (edgekd.device_tests)."""
+    if BENCH_SOURCE.is_file():
+        return BENCH_SOURCE
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("edgekd.device_tests") / "bench.py"))
+    except ModuleNotFoundError:
+        return BENCH_SOURCE
 DEFAULT_DIRNAME = "bundle"
 
 README = """\
@@ -60,6 +72,13 @@ picks up ai_edge_litert, tflite_runtime or tensorflow, in that order). For the O
 Options: `--threads N` (default: cores, at most 4), `--runs N` (timed runs, default 100),
 `--warmup N` (default 10). `pi.json` holds the device, the accuracy of each model on `eval.npz` and its
 batch-1 latency (p50/p90/p99/mean ms); models the runtime cannot run are listed under `skipped`.
+
+## In an app
+
+`*_app_*.tflite` files load unchanged in MediaPipe's `ImageClassifier` (Android, iOS, Python) and the TFLite
+Task Library: RGB pixels in, labels and normalization in the file's metadata. `.onnx` files carry their labels
+and normalization in `metadata_props`; `.ort` files (if exported with `--ort`) are for ONNX Runtime Mobile.
+See "Use it in an app" in edgekd's README for the code.
 
 ## Android
 
@@ -125,6 +144,9 @@ def _files_to_copy(run_dir: Path, meta: dict) -> list[str]:
             if not isinstance(fw, str) or Path(fw).is_absolute() or ".." in Path(fw).parts:
                 raise BundleError(f"metadata.json has an invalid firmware file for {rel}: {fw!r}")
             (files if (run_dir / fw).is_file() else missing).append(fw)
+        config = entry.get("ort_config") if isinstance(entry, dict) else None
+        if isinstance(config, str) and Path(config).name == config and (run_dir / config).is_file():
+            files.append(config)  # required_operators.config: what a reduced ONNX Runtime Mobile build needs
         if path.suffix.lower() == ".onnx":
             for data_rel in _onnx_external_files(path):
                 data_path = path.parent / data_rel
@@ -167,9 +189,10 @@ def make_bundle(run_dir: Path, out_dir: Path | None = None) -> Path:
     if not (run_dir / "eval.npz").is_file():
         raise BundleError(f"{run_dir / 'eval.npz'} not found: the device needs it to measure accuracy",
                           "run 'edgekd export' again")
-    if not BENCH_SOURCE.is_file():
-        raise BundleError(f"{BENCH_SOURCE} not found: bundles are made from an edgekd source checkout",
-                          "run from the repository (pip install -e .)")
+    bench = bench_script()
+    if not bench.is_file():
+        raise BundleError(f"{bench} not found: this edgekd install lacks its device script",
+                          "reinstall edgekd (pip install --force-reinstall edgekd)")
     model_files = _files_to_copy(run_dir, meta)
 
     out_dir = Path(out_dir).resolve() if out_dir is not None else run_dir / DEFAULT_DIRNAME
@@ -187,7 +210,7 @@ def make_bundle(run_dir: Path, out_dir: Path | None = None) -> Path:
         else:  # older runs: the labels are also in metadata.json
             (tmp / "labels.txt").write_text("".join(f"{lab}\n" for lab in meta.get("labels", [])),
                                             encoding="utf-8")
-        shutil.copy2(BENCH_SOURCE, tmp / "bench.py")
+        shutil.copy2(bench, tmp / "bench.py")
         (tmp / "bench.py").chmod(0o755)
         (tmp / "README.md").write_text(README.format(run=meta.get("run", run_dir.name),
                                                      n_models=len(meta.get("models", [])),

@@ -239,10 +239,13 @@ def _export_section(run: str | None, out: str, overrides: tuple[str, ...], comma
               help="Quantized student files to add: fp16,int8,dynamic or none (default: the recipe's, else int8).")
 @click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
 @click.option("--no-teacher", is_flag=True, help="Do not export the teacher (fp32) for comparison.")
+@click.option("--app/--no-app", "app", default=None,
+              help="App-profile .tflite files (RGB pixels in, metadata, labels; default: on for image runs).")
+@click.option("--ort", is_flag=True, default=None, help="Also write .ort files for ONNX Runtime Mobile.")
 def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
                overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, mcu_: bool,
-               format_names: tuple[str, ...], quantize: str | None,
-               nhwc: bool | None, no_teacher: bool) -> None:
+               format_names: tuple[str, ...], quantize: str | None, nhwc: bool | None, no_teacher: bool,
+               app: bool | None, ort: bool | None) -> None:
     """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
 
     Every file is run in its own runtime on the run's test split: fp32 files must match PyTorch within
@@ -256,7 +259,8 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
     formats = list(dict.fromkeys(formats)) or None
     report = run_export(rd, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
-                        verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False)
+                        verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False,
+                        app=app, ort=ort or None)
     click.echo(summary_table(report.rd))
     report.raise_for_problems()
 

@@ -188,6 +188,15 @@ class ExportTolerance(_Section):
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
 
 
+class AppConfig(_Section):
+    enabled: Optional[bool] = Field(None, description="app-profile .tflite files (RGB pixels in, metadata, labels); "
+                                                      "default: on for image runs")
+    output: Literal["probabilities", "logits"] = Field("probabilities", description="what app-profile files output")
+    int8_io: str = Field("uint8", description="inputs/outputs of int8 app-profile files: uint8 or float32")
+    labels: Optional[str] = Field(None, description="labels file (one per line) for the app files' metadata; "
+                                                    "default: the run's labels")
+
+
 class ExportConfig(_Section):
     formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite"],
                                description="onnx, tflite, mcu (TensorFlow Lite Micro, from the int8 TFLite file) or any registered export backend (checked by the export)")
@@ -199,6 +208,8 @@ class ExportConfig(_Section):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     teacher: bool = Field(True, description="also export the teacher (fp32) for comparison")
     tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
+    app: AppConfig = Field(default_factory=AppConfig)
+    ort: bool = Field(False, description="also write .ort files (ONNX Runtime Mobile) + required_operators.config")
 
     @field_validator("formats")
     @classmethod

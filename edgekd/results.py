@@ -87,6 +87,7 @@ class ValidationRow(Record):
     runtime: str = ""
     format: str = ""
     precision: str = "fp32"
+    profile: str = "research"  # "app": an app-profile file (pixels in, TFLite metadata), see edgekd.export
     test_accuracy: float | None = None
     precision_macro: float | None = None
     recall_macro: float | None = None
@@ -301,6 +302,7 @@ class Candidate(Record):
     source_model: str = ""
     runtime: str = ""
     precision: str = ""
+    profile: str = "research"
     test_accuracy: float = 0.0
     accuracy_drop_vs_teacher: float | None = None
     size_bytes: int = 0
@@ -362,7 +364,7 @@ def candidates(validation: ValidationResult, bench: BenchReport) -> list[Candida
     for r in rows:
         best = bench.fastest(r.file, r.runtime)
         out.append(Candidate(file=r.file, model=r.model, source_model=r.source_model, runtime=r.runtime,
-                             precision=r.precision, test_accuracy=r.test_accuracy or 0.0,
+                             precision=r.precision, profile=r.profile, test_accuracy=r.test_accuracy or 0.0,
                              accuracy_drop_vs_teacher=r.accuracy_drop_vs_teacher, size_bytes=r.size_bytes,
                              p50_ms=best.p50_ms if best else None, threads=best.threads if best else None,
                              batch=best.batch if best else None))
@@ -401,6 +403,11 @@ def recommend(validation: ValidationResult, bench: BenchReport, budgets: Validat
     if max_kb is not None:
         rule += f" and at most {max_kb:g} KB (validate.max_size_kb)"
     ok = [c for c in cands if accurate(c) and (max_kb is None or c.size_kb <= max_kb)]
+    if any(c.profile == "app" for c in ok):
+        # Image runs: recommend a file apps load unchanged (pixels in, metadata, labels); the research files
+        # compute the same and stay among the candidates.
+        ok = [c for c in ok if c.profile == "app"]
+        rule += ", among the app-profile files"
     timed = [c for c in ok if c.p50_ms is not None]
     best = None
     if timed:

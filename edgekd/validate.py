@@ -56,10 +56,11 @@ def _references(rd: RunDir, x: np.ndarray, threads: int | None) -> dict[str, np.
 
 def _predict(rd: RunDir, t: ModelTarget, x: np.ndarray, n: int, threads: int | None) -> tuple[np.ndarray, float]:
     """Logits of one model file in its runtime, and the seconds it took."""
-    from edgekd.runtimes import runtime_for
+    from edgekd.runtimes import deployment_batch, runtime_for
 
     t0 = time.perf_counter()
-    logits = runtime_for(rd / t.file, t.entry, threads, t.runtime).predict(x)
+    # Batch-1 truth: files whose answers depend on the batch (dynamic-range) run as an app runs them.
+    logits = runtime_for(rd / t.file, t.entry, threads, t.runtime).predict(x, batch_size=deployment_batch(t.entry))
     seconds = time.perf_counter() - t0
     if logits.ndim != 2 or logits.shape[0] != n:
         raise EdgeKDError(f"output shape {tuple(logits.shape)}, expected ({n}, classes)")
@@ -83,7 +84,8 @@ def _validate_one(rd: RunDir, t: ModelTarget, x: np.ndarray, y: np.ndarray, num_
     pred = logits.argmax(1)
     agree = {role: float((pred == ref).mean()) for role, ref in refs.items()}
     row = ValidationRow(model=t.stem, file=t.file, source_model=t.source_model, runtime=t.runtime, format=t.format,
-                        precision=t.precision, **_classification(pred, y, num_classes),
+                        precision=t.precision, profile=(t.entry or {}).get("profile", "research"),
+                        **_classification(pred, y, num_classes),
                         agreement_teacher=agree.get("teacher"), agreement_student_fp32=agree.get("student"),
                         size_bytes=rd.model_size(t.file), n_eval=int(len(y)), seconds=round(seconds, 3))
     if isinstance(t.entry.get("mcu"), dict):  # an MCU file: what it takes on the board (export measured it)

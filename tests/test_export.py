@@ -127,7 +127,9 @@ def test_export_writes_verified_files_metadata_and_manifest(exported):
     run, result = exported
     assert result.exit_code == 0, result.output
     files = {"student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite", "student_int8.tflite",
-             "teacher_fp32.onnx", "teacher_fp32.tflite"}
+             "teacher_fp32.onnx", "teacher_fp32.tflite",
+             # an image run: the app-profile files too (tests/test_app_export.py checks them)
+             "student_app_fp32.tflite", "student_app_int8.tflite"}
     assert files <= {p.name for p in run.iterdir()}
     assert not [p for p in run.iterdir() if ".tmp" in p.name or p.suffix == ".data"]
     # The summary table and the fp32 parity figures are printed.
@@ -143,7 +145,9 @@ def test_export_writes_verified_files_metadata_and_manifest(exported):
         assert e["sha256"] == sha256_file(path) == manifest["artifacts"][e["file"]]["sha256"]
         assert e["size_bytes"] == path.stat().st_size
         assert e["format"] == path.suffix[1:] and e["precision"] in ("fp32", "int8")
-        assert e["normalization"] == meta["normalization"] and e["route"] and e["tool_versions"]
+        if e["profile"] == "research":  # app files take pixels: their normalization is the 0..255 scaling
+            assert e["normalization"] == meta["normalization"]
+        assert e["route"] and e["tool_versions"]
         m = metrics[e["file"]]
         assert m["verified"] is True and e["verified"] is True
         if e["precision"] == "fp32":
@@ -188,7 +192,8 @@ def test_metadata_matches_what_the_runtimes_report(exported):
                     assert spec["quantization"] == {"scale": pytest.approx(scale), "zero_point": zp}
                 else:
                     assert spec["quantization"] is None
-        assert e["input"]["layout"] == "NCHW"
+        # Research files keep PyTorch's layout; app-profile files take camera pixels (NHWC RGB).
+        assert e["input"]["layout"] == ("NHWC" if e["profile"] == "app" else "NCHW")
 
 
 def test_int8_tflite_io_types_and_nhwc_match_nchw(trained_run, exported, tmp_path):

@@ -32,7 +32,7 @@ def fp32_run(tiny_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("quantize") / "run"
     shutil.copytree(tiny_run, run)
     _with_tolerance(run, min_agreement=0.9, max_accuracy_drop=0.05)
-    res = CliRunner().invoke(cli, ["export", "--run", str(run), "--quantize", "none", "--no-teacher", "-q"])
+    res = CliRunner().invoke(cli, ["export", "--run", str(run), "--quantize", "none", "--no-teacher", "--no-app", "-q"])
     assert res.exit_code == 0, res.output
     return run
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from conftest import TINY_RECIPE, ctrl_c_after, write_recipe
 
 from edgekd.cli import cli
+from edgekd.runtimes import get_runtime
 from edgekd.run_dir import RunDir
 
 # The tiny recipe cut to one epoch, with every optional stage, as small as each can be.
@@ -43,13 +44,17 @@ def test_run_chains_every_stage_then_skips_what_is_done(tmp_path: Path):
     assert "stages run: distill, prune, export, validate, bench, report" in text
     # Export took the pruned student; the recommendation is an exported student file and is printed with its path.
     meta = json.loads((run / "metadata.json").read_text())
-    assert [e["file"] for e in meta["models"]] == ["student_pruned_fp32.tflite"]
-    assert f"recommended: {run / 'student_pruned_fp32.tflite'} (litert" in text
+    # An image run: the app-profile file beside the research file, and it is the recommended one.
+    assert [e["file"] for e in meta["models"]] == ["student_pruned_app_fp32.tflite", "student_pruned_fp32.tflite"]
+    assert f"recommended: {run / 'student_pruned_app_fp32.tflite'} (" in text
     assert f"report: {run / 'report.html'}" in text
     rows = json.loads((run / "report.json").read_text())["rows"]
+    app_rows = {("student_pruned_app_fp32.tflite", "litert")}
+    if get_runtime("mediapipe").available():
+        app_rows.add(("student_pruned_app_fp32.tflite", "mediapipe"))
     assert {(r["file"], r["runtime"]) for r in rows} == {("teacher.pt", "torch"), ("student.pt", "torch"),
                                                         ("student_pruned.pt", "torch"),
-                                                        ("student_pruned_fp32.tflite", "litert")}
+                                                        ("student_pruned_fp32.tflite", "litert"), *app_rows}
     assert all(r["runs"] == 5 for r in rows)
     assert "speedup over the PyTorch fp32 teacher at batch 1:" in text
     assert "<img id='plot-accuracy_latency'" in (run / "report.html").read_text()
@@ -75,9 +80,10 @@ def test_run_chains_every_stage_then_skips_what_is_done(tmp_path: Path):
     code, text = _run(str(recipe), "--out", str(out), "-q", "--set", "bench.runs=7",
                       "--set", "validate.max_size_kb=0.5")
     assert code == 1, text
-    assert text.strip().splitlines()[-1] == (
-        "error: no student variant meets every budget: student_pruned_fp32.tflite (litert): size "
-        f"{(run / 'student_pruned_fp32.tflite').stat().st_size / 1024:.1f} KB > 0.5 KB")
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: no student variant meets every budget: "), last
+    for name, runtime in sorted({("student_pruned_fp32.tflite", "litert"), *app_rows}):
+        assert f"{name} ({runtime}): size {(run / name).stat().st_size / 1024:.1f} KB > 0.5 KB" in last
     assert "FAILED" in (run / "report.html").read_text()
     assert "stages run: report" in text  # budgets alone do not re-measure anything
 

@@ -14,6 +14,7 @@ from edgekd.cli import cli
 from edgekd.errors import CheckFailed, RunDirError
 from edgekd.recipe import ValidateConfig
 from edgekd.results import BenchReport, ValidationResult
+from edgekd.runtimes import get_runtime
 from edgekd.run_dir import RunDir
 
 
@@ -44,6 +45,8 @@ def exported(tiny_run: Path, tmp_path_factory) -> Path:
 
 
 STUDENT_FILES = {f"student_{p}.{ext}" for p in ("fp32", "int8", "dynamic") for ext in ("onnx", "tflite")}
+# An image run also gets app-profile files (pixels in, metadata); validate and bench measure them like the others.
+STUDENT_FILES |= {f"student_app_{p}.tflite" for p in ("fp32", "int8", "dynamic")}
 
 
 @pytest.fixture
@@ -79,7 +82,10 @@ def test_validate_measures_every_model_on_every_runtime(run_copy: Path):
     assert res.exit_code == 0, res.output
     out = json.loads((run_copy / "validate.json").read_text())
     rows = {(r["file"], r["runtime"]): r for r in out["rows"]}
-    assert {r for _, r in rows} == {"torch", "onnxruntime", "litert"}
+    # MediaPipe's ImageClassifier (optional) measures the app-profile files where it is installed.
+    clients = {"mediapipe"} if get_runtime("mediapipe").available() else set()
+    assert {r for _, r in rows} == {"torch", "onnxruntime", "litert", *clients}
+    assert {f for f, r in rows if r == "mediapipe"} <= {f for f in STUDENT_FILES if "_app_" in f}
     assert set(f for f, _ in rows) == {"teacher.pt", "baseline.pt", "student.pt", *STUDENT_FILES,
                                        "teacher_fp32.onnx", "teacher_fp32.tflite"}
     metrics = json.loads((run_copy / "metrics.json").read_text())

@@ -132,12 +132,13 @@ class ExportBackend:
         Raises:
             ExportError: The file cannot be loaded or run (naming the operator when the runtime does).
         """
-        from edgekd.runtimes import runtime_for
+        from edgekd.runtimes import deployment_batch, runtime_for
 
         with quiet():  # interpreters announce their delegates on stderr
             rt = runtime_for(path, entry, runtime=self.runtime)
             try:
-                return rt.predict(x_raw)
+                # Batch-1 truth: files whose answers depend on the batch (dynamic-range) run as an app runs them.
+                return rt.predict(x_raw, batch_size=deployment_batch(entry))
             except Exception as e:
                 text = str(e).strip()
                 op = operator_in(text)

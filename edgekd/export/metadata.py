@@ -16,6 +16,8 @@ from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
+# Raw image inputs are pixels / 255; ``normalization_pixels`` gives the same normalization in 0..255 units.
+PIXEL_SCALE = 255.0
 
 
 def describe_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -39,12 +41,31 @@ def build_entry(path: Path, model: str, precision: str, layout: str, normalizati
     """
     desc = backend_for(path).describe(Path(path))
     desc["input"]["layout"] = layout
-    return {
-        "file": path.name, "model": model, "format": desc["format"], "precision": precision,
+    fmt = desc["format"]
+    entry = {
+        "file": path.name, "model": model, "format": fmt, "precision": precision,
         "input": desc["input"], "output": desc["output"], "normalization": normalization, "labels": list(labels),
         "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "route": route,
-        "tool_versions": desc["tool_versions"], **extra,
+        "tool_versions": desc["tool_versions"], "profile": "research", "output_kind": "logits",
     }
+    if fmt == "tflite":
+        entry["signature_keys"] = signature_keys(path)
+    if layout in ("NCHW", "NHWC") and normalization.get("std"):
+        entry["pixel_scale"] = PIXEL_SCALE
+        entry["normalization_pixels"] = {"mean": [float(m) * PIXEL_SCALE for m in normalization["mean"]],
+                                         "std": [float(v) * PIXEL_SCALE for v in normalization["std"]]}
+    entry.update(extra)
+    return entry
+
+
+def signature_keys(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A .tflite file's signatures (what Android's ``Interpreter.runSignature`` and LiteRT's
+    ``get_signature_runner`` take): ``{key: {"inputs": [...], "outputs": [...]}}``."""
+    from edgekd.runtimes.litert import interpreter_class
+
+    cls, _ = interpreter_class()
+    sigs = cls(model_path=str(path)).get_signature_list()
+    return {k: {"inputs": list(v.get("inputs", [])), "outputs": list(v.get("outputs", []))} for k, v in sigs.items()}
 
 
 def read_metadata(rd: RunDir) -> dict[str, Any]:

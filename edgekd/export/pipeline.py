@@ -194,6 +194,18 @@ class _Session:
             self._refs[target.name] = np.concatenate(out)
         return self._refs[target.name]
 
+    def tidy(self, path: Path, fmt: str) -> None:
+        """Give a written .onnx file its metadata_props and drop unused opset imports (see onnx_app)."""
+        if fmt != "onnx":
+            return
+        from edgekd import __version__
+        from edgekd.export.onnx import INPUT_NAME
+        from edgekd.export.onnx_app import finish_onnx_file, metadata_props
+
+        finish_onnx_file(path, metadata_props(labels=self.labels, input_name=INPUT_NAME, layout=self.layout,
+                                              normalization=self.norm, output="logits", version=__version__,
+                                              run=self.rd.name, image=self.layout == "NCHW"))
+
     # -- verification ---------------------------------------------------------------------------------
     def measure(self, path: Path, entry: dict[str, Any], target: Target) -> dict[str, Any]:
         """Run the file on the test split in its runtime and compare it with the PyTorch model."""
@@ -270,6 +282,7 @@ class _Exporter:
         layout = s.file_layout(backend)
         try:
             route = backend.export(target.model, s.sample(), path, layout=layout, what=target.name)
+            s.tidy(path, fmt)
             entry = meta_mod.build_entry(path, target.name, "fp32", layout, s.norm, s.labels, route)
             numbers = s.measure(path, entry, target) if s.verify else None
         except ExportError as e:
@@ -303,6 +316,7 @@ class _Exporter:
         for route in routes:
             try:
                 route_name = backend.quantize(route, job)
+                s.tidy(path, fmt)
                 entry = meta_mod.build_entry(path, target.name, precision, layout, s.norm, s.labels, route_name)
                 numbers = s.measure(path, entry, target) if s.verify else None
             except ExportError as e:
@@ -444,7 +458,8 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
                formats: list[str] | None = None, quantize: list[str] | str | None = None,
                nhwc: bool | None = None, int8_io: str | None = None, calibration_method: str | None = None,
                teacher: bool | None = None, verify: bool = True, log: Log | None = None,
-               cfg: ExportConfig | None = None, quiet: bool = True, check: bool = False) -> ExportReport:
+               cfg: ExportConfig | None = None, quiet: bool = True, check: bool = False,
+               app: bool | None = None, ort: bool | None = None) -> ExportReport:
     """Export the run's best student (and the teacher, fp32) to ONNX/TFLite, quantize, verify, describe.
 
     Args:
@@ -462,6 +477,9 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
         quiet: With no ``log``, False prints the progress lines.
         check: Raise (after writing and recording every file that could be written) when a conversion
             failed (:class:`ExportError`) or a file misses the tolerance (:class:`CheckFailed`).
+        app: Write app-profile .tflite files (default: ``export.app.enabled``, on for image runs); True for a
+            run without images is an error.
+        ort: Also write .ort files for ONNX Runtime Mobile (default: ``export.ort``).
 
     Returns:
         The report: the files written, failed conversions and files that miss the tolerance. Without
@@ -477,17 +495,27 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
             raise ExportError("no format selected", "pass --format NAME, or --onnx and/or --tflite")
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
     cfg = _merge_cfg(rd, _load_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
-                     calibration_method=calibration_method, teacher=teacher)
+                     calibration_method=calibration_method, teacher=teacher, ort=ort)
+    if app is not None:
+        cfg = cfg.model_copy(update={"app": cfg.app.model_copy(update={"enabled": app})})
     targets = _export_targets(rd, cfg, log)
     _check_writable(rd)
     session = _Session(rd, cfg, verify, log)
+    plan = _app_plan(session, cfg)  # bad app settings fail here, before anything is written
     if cfg.nhwc and session.layout != "NCHW":
         log(f"--nhwc ignored: the inputs are {session.layout}, not images")
     t0 = time.perf_counter()
     rd.stage_started("export")
     report = ExportReport(rd)
     exporter = _Exporter(session, report)
-    _run_and_record(lambda: _export_all(exporter, cfg, targets), rd, "export", report, session, exporter, t0)
+    def work() -> None:
+        _export_all(exporter, cfg, targets)
+        if plan is not None:
+            _export_app(session, exporter, targets[0], plan)
+        if cfg.ort:
+            _export_ort(session, exporter, targets[0])
+
+    _run_and_record(work, rd, "export", report, session, exporter, t0)
     if cfg.quantize and report.ok:
         # Export quantized the student too; record it so `edgekd run` does not quantize the same files again.
         rd.stage_done("quantize", via="export", precisions=list(cfg.quantize))
@@ -587,7 +615,8 @@ def _fp32_files(rd: RunDir, files: list[str] | None) -> list[dict[str, Any]]:
     """The metadata entries of the fp32 files to quantize (``files``, else every student one), each checked
     to be present and unchanged since export."""
     meta = meta_mod.read_metadata(rd)
-    fp32 = [e for e in meta["models"] if e.get("precision") == "fp32"]
+    # App-profile files are quantized by `edgekd export` from the wrapped model (pixel calibration), not here.
+    fp32 = [e for e in meta["models"] if e.get("precision") == "fp32" and e.get("profile", "research") == "research"]
     if files:
         names = {Path(f).name for f in files}
         unknown = sorted(names - {e["file"] for e in fp32})
@@ -609,6 +638,82 @@ def _fp32_files(rd: RunDir, files: list[str] | None) -> list[dict[str, Any]]:
             raise ArtifactChanged(f"{e['file']} changed since it was exported (sha256 mismatch: truncated or edited)",
                                   "run `edgekd export` again", files=[e["file"]])
     return chosen
+
+
+def _app_plan(session: _Session, cfg: ExportConfig) -> tuple[Any, list[str]] | None:
+    """The app spec and labels when app-profile files are to be written (None: not asked, or not images).
+
+    Raises:
+        ExportError: The app profile was asked for a non-image run, with int8 I/O, or with a labels file
+            whose count differs from the classes.
+    """
+    from edgekd.export.app_profile import app_spec, check_app_io, read_labels_file
+
+    app_cfg = cfg.app
+    if app_cfg.enabled is False:
+        return None
+    spec = app_spec(session.layout, session.input_shape, session.norm, app_cfg.output, asked=app_cfg.enabled is True)
+    if spec is None:
+        return None
+    check_app_io(app_cfg.int8_io)
+    labels = read_labels_file(app_cfg.labels, len(session.labels)) if app_cfg.labels else list(session.labels)
+    if "tflite" not in cfg.formats:
+        session.log("app-profile files are .tflite files: not written (TFLite is not among the formats)")
+        return None
+    return spec, labels
+
+
+def _export_app(session: _Session, exporter: _Exporter, target: Target, plan: tuple[Any, list[str]]) -> None:
+    """Write the app-profile .tflite files of the student and merge their records into the export's."""
+    from edgekd.export.app_files import AppJob, export_app_files
+
+    spec, labels = plan
+    s = session
+    job = AppJob(rd_path=s.rd.path, run=s.rd.name, model_name=target.name, model=target.model, spec=spec,
+                 labels=labels, x=s.x, y=s.y, calibration=s.calibration, precisions=list(s.cfg.quantize),
+                 int8_io=s.cfg.app.int8_io, tolerance=s.cfg.tolerance, verify=s.verify, log=s.log)
+    result = export_app_files(job)
+    exporter.entries.extend(result.entries)
+    exporter.r.files.extend(result.files)
+    exporter.r.failures.extend(result.failures)
+    exporter.r.problems.extend(result.problems)
+    if result.metrics:
+        all_metrics = s.rd.metrics()
+        all_metrics.update(result.metrics)
+        write_json_atomic(s.rd / METRICS, all_metrics)
+
+
+def _export_ort(session: _Session, exporter: _Exporter, target: Target) -> None:
+    """Convert the student's .onnx files to .ort (ONNX Runtime Mobile) and verify each like its .onnx."""
+    from edgekd.export.onnx_app import ORT_CONFIG, convert_to_ort
+
+    s = session
+    sources = [e for e in exporter.entries if e["format"] == "onnx" and e["model"] == target.name]
+    if not sources:
+        return
+    try:
+        outs, _config = convert_to_ort([s.rd / e["file"] for e in sources], s.rd.path)
+    except ExportError as e:
+        exporter.r.failures.append(str(e))
+        s.log(f".ort files not written: {e}")
+        return
+    for src, path in zip(sources, outs):
+        entry = {**src, "file": path.name, "format": "ort", "size_bytes": path.stat().st_size,
+                 "sha256": sha256_file(path), "route": "onnxruntime-ort", "source": src["file"],
+                 "ort_config": ORT_CONFIG}
+        # .ort files run in the same onnxruntime sessions as the .onnx files: the onnx backend verifies them.
+        numbers = None
+        if s.verify:
+            out = get_backend("onnx").verify(path, entry, s.x)
+            numbers = parity.compare(s.reference(target), out, s.y)
+        problem = parity.problem(numbers, src["precision"], s.cfg.tolerance) if numbers else None
+        src_acc = s.rd.metrics().get(src["file"], {}).get("test_accuracy")
+        if numbers and src_acc is not None and numbers["test_accuracy"] != src_acc:
+            problem = f"accuracy {numbers['test_accuracy']:.4f} differs from {src['file']}'s {src_acc:.4f}"
+        if problem:
+            exporter.r.problems.append(f"{path.name}: {problem}")
+        exporter._finish_file(path, entry, target, src["precision"], numbers, problem, {"source": src["file"]})
+    exporter.r.files.append(ORT_CONFIG)
 
 
 def _target_for(rd: RunDir, model: str) -> Target:

@@ -232,10 +232,11 @@ def _to_file_layout(x: torch.Tensor, nhwc: bool) -> torch.Tensor:
 
 
 def _has_int8_io(data: bytes) -> bool:
+    """Whether any model input or output is int8 (a softmax PT2E leaves in float gives int8 in, float out)."""
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_content=data)
-    return it.get_input_details()[0]["dtype"] == np.int8
+    return any(d["dtype"] == np.int8 for d in it.get_input_details() + it.get_output_details())
 
 
 def retype_io(model_bytes: bytes, io_type: str) -> bytes:
@@ -285,8 +286,16 @@ def retype_io(model_bytes: bytes, io_type: str) -> bytes:
         sg.tensors.append(t)
         return len(sg.tensors) - 1
 
+    def is_int8(idx: int) -> bool:
+        # Boundaries the quantizer left in float (e.g. a softmax output PT2E does not annotate) stay as they are.
+        return sg.tensors[idx].type == fb.TensorType.INT8
+
+    if not any(is_int8(idx) for idx in list(sg.inputs) + list(sg.outputs)):
+        raise ExportError("retype_io needs a model with quantized int8 inputs or outputs")
     remap: dict[int, int] = {}
     for pos, idx in enumerate(list(sg.inputs)):
+        if not is_int8(idx):
+            continue
         new = boundary_tensor(idx)
         op = fb.OperatorT()
         op.opcodeIndex, op.inputs, op.outputs = opcode(fb.BuiltinOperator.QUANTIZE), [new], [idx]
@@ -294,6 +303,8 @@ def retype_io(model_bytes: bytes, io_type: str) -> bytes:
         sg.inputs[pos] = remap[idx] = new
     out_code = fb.BuiltinOperator.DEQUANTIZE if io_type == "float32" else fb.BuiltinOperator.QUANTIZE
     for pos, idx in enumerate(list(sg.outputs)):
+        if not is_int8(idx):
+            continue
         new = boundary_tensor(idx)
         op = fb.OperatorT()
         op.opcodeIndex, op.inputs, op.outputs = opcode(out_code), [idx], [new]

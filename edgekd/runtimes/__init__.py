@@ -22,12 +22,14 @@ built-in runtimes), ``timing`` (load/latency/memory measurements, in process or 
 
 from __future__ import annotations
 
-from edgekd.runtimes.base import (RUNTIMES, Runtime, get_runtime, list_runtimes, prepare_input, register_runtime,
-                                  restore_output, runtime_for, runtimes_for)
+from edgekd.runtimes.base import (RUNTIMES, Runtime, deployment_batch, get_runtime, list_runtimes, prepare_input,
+                                  register_runtime, restore_output, runtime_for, runtimes_for)
 # The built-in runtimes register themselves on import (their heavy libraries load only when a file is run).
 from edgekd.runtimes.pytorch import TorchRuntime
 from edgekd.runtimes.ort import OnnxRuntime
 from edgekd.runtimes.litert import LiteRTRuntime
+from edgekd.runtimes.mediapipe import MediaPipeRuntime  # optional: available only where mediapipe is installed
 
-__all__ = ["RUNTIMES", "LiteRTRuntime", "OnnxRuntime", "Runtime", "TorchRuntime", "get_runtime", "list_runtimes",
-           "prepare_input", "register_runtime", "restore_output", "runtime_for", "runtimes_for"]
+__all__ = ["RUNTIMES", "LiteRTRuntime", "MediaPipeRuntime", "OnnxRuntime", "Runtime", "TorchRuntime",
+           "deployment_batch", "get_runtime", "list_runtimes", "prepare_input", "register_runtime", "restore_output",
+           "runtime_for", "runtimes_for"]

@@ -31,6 +31,10 @@ def prepare_input(x_raw: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
     spec = entry["input"]
     if spec.get("layout") == "NHWC" and x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
+        shape = spec.get("shape") or []
+        if x.shape[-1] == 1 and len(shape) == 4 and shape[-1] == 3:
+            # A gray image for an RGB (app-profile) input: the app's bitmap has R = G = B.
+            x = np.repeat(x, 3, axis=-1)
     q = spec.get("quantization")
     dtype = spec.get("dtype", "float32")
     if q and dtype in _INT_RANGES:
@@ -97,6 +101,11 @@ class Runtime:
         return True
 
     @classmethod
+    def accepts(cls, entry: dict[str, Any] | None) -> bool:
+        """Whether the runtime runs the file its metadata entry describes (a client may take only some files)."""
+        return True
+
+    @classmethod
     def import_libraries(cls) -> None:
         """Import the runtime's libraries, so a timed model load does not pay for Python imports."""
 
@@ -157,16 +166,29 @@ def get_runtime(name: str) -> type[Runtime]:
     return cls
 
 
-def runtimes_for(path: str | os.PathLike, installed_only: bool = True) -> list[type[Runtime]]:
+def runtimes_for(path: str | os.PathLike, installed_only: bool = True,
+                 entry: dict[str, Any] | None = None) -> list[type[Runtime]]:
     """The runtimes that run ``path`` (by its suffix), in registration order.
 
     Args:
         path: A model file name or path.
         installed_only: Leave out runtimes whose libraries are not installed.
+        entry: The file's metadata.json entry, for runtimes that take only some files of a suffix
+            (MediaPipe's ImageClassifier runs app-profile .tflite files only).
     """
     suffix = Path(path).suffix.lower()
     return [cls for cls in _REGISTRY.values()
-            if suffix in cls.suffixes and (not installed_only or cls.available())]
+            if suffix in cls.suffixes and cls.accepts(entry) and (not installed_only or cls.available())]
+
+
+def deployment_batch(entry: dict[str, Any], batch: int = 1, fast: int = 256) -> int:
+    """The batch a file must be measured at so its accuracy is what an app gets.
+
+    Dynamic-range quantized files quantize activations with ranges taken over the whole batch, so a batch of
+    256 scores differently from the single image an app classifies: they run at ``batch`` (1, or a recipe's
+    deployment batch). Every other file gives the same answers at any batch and runs in ``fast`` batches.
+    """
+    return batch if entry.get("precision") == "dynamic" else fast
 
 
 def runtime_for(path: str | os.PathLike, entry: dict[str, Any], threads: int | None = None,
@@ -178,7 +200,7 @@ def runtime_for(path: str | os.PathLike, entry: dict[str, Any], threads: int | N
     """
     if runtime is not None:
         return get_runtime(runtime)(path, entry, threads)
-    classes = runtimes_for(path) or runtimes_for(path, installed_only=False)
+    classes = runtimes_for(path, entry=entry) or runtimes_for(path, installed_only=False, entry=entry)
     if not classes:
         raise EdgeKDError(f"no runtime for {Path(path).suffix or 'suffix-less'} files ({path})",
                           f"registered runtimes: {', '.join(_REGISTRY)}")

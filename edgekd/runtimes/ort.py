@@ -13,7 +13,7 @@ class OnnxRuntime(Runtime):
     """An ONNX file in onnxruntime's CPU execution provider."""
 
     name = "onnxruntime"
-    suffixes = (".onnx",)
+    suffixes = (".onnx", ".ort")  # .ort: ONNX Runtime Mobile's format, loaded by the same sessions
 
     def _load(self) -> None:
         import onnxruntime as ort

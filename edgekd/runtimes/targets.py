@@ -39,10 +39,10 @@ class ModelTarget:
         return self.source_model not in REFERENCE_MODELS
 
 
-def runtime_names_for(file: str) -> list[str]:
-    """Names of the runtimes that run ``file`` (by suffix): the installed ones, else the registered ones (which
-    then report why they cannot run it, as a skipped row)."""
-    return [cls.name for cls in runtimes_for(file) or runtimes_for(file, installed_only=False)]
+def runtime_names_for(file: str, entry: dict[str, Any] | None = None) -> list[str]:
+    """Names of the runtimes that run ``file`` (by suffix and, given, its metadata entry): the installed ones,
+    else the registered ones (which then report why they cannot run it, as a skipped row)."""
+    return [cls.name for cls in runtimes_for(file, entry=entry) or runtimes_for(file, installed_only=False, entry=entry)]
 
 
 def _checkpoint_targets(rd: RunDir, data: dict[str, Any]) -> list[ModelTarget]:
@@ -74,7 +74,7 @@ def _exported_targets(rd: RunDir, data: dict[str, Any]) -> list[ModelTarget]:
         # The contract allows normalization at the top level only; runtimes read it from the entry.
         entry.setdefault("normalization", meta.get("normalization") or data.get("normalization") or {})
         fmt = entry.get("format") or Path(entry["file"]).suffix.lstrip(".")
-        for runtime in runtime_names_for(entry["file"]):  # every runtime that runs the file: one target each
+        for runtime in runtime_names_for(entry["file"], entry):  # every runtime that runs the file: one target each
             targets.append(ModelTarget(entry["file"], str(entry.get("model") or Path(entry["file"]).stem.split("_")[0]),
                                        runtime, fmt, str(entry.get("precision", "fp32")), entry))
     return targets
