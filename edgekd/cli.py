@@ -261,7 +261,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
                         verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False,
                         app=app, ort=ort or None)
-    click.echo(summary_table(report.rd))
+    click.echo(summary_table(rd))
     report.raise_for_problems()
 
 
@@ -280,7 +280,7 @@ def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_met
     report = run_quantize(rd, out, precisions=precision, files=list(files) or None, int8_io=int8_io,
                           calibration_method=calibration_method, verify=not no_verify,
                           log=None if quiet else click.echo, cfg=cfg, check=False)
-    click.echo(summary_table(report.rd))
+    click.echo(summary_table(rd))
     report.raise_for_problems()
 
 

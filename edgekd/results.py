@@ -270,10 +270,7 @@ class PruneResult(Record):
 
 @dataclass
 class ExportReport(Record):
-    """What an export or quantize call wrote (``files``), failed to convert and failed to verify.
-
-    Note for the merge: ``edgekd.export.pipeline.ExportReport`` (which holds the RunDir) is to return this type.
-    """
+    """What an export or quantize call wrote (``files``), failed to convert and failed to verify."""
 
     run: str = ""
     files: list[str] = field(default_factory=list)
@@ -289,6 +286,18 @@ class ExportReport(Record):
     def warnings(self) -> list[str]:
         """One line per failed conversion or verification, as ``edgekd run`` prints them."""
         return [f"export: {msg}" for msg in [*self.failures, *self.problems]]
+
+    def raise_for_problems(self) -> None:
+        """Raise :class:`ExportError` for failed conversions, else :class:`CheckFailed` for failed checks."""
+        from edgekd.errors import CheckFailed, ExportError
+
+        if self.failures:
+            also = f"; also failed verification: {'; '.join(self.problems)}" if self.problems else ""
+            written = f" (written: {', '.join(self.files)})" if self.files else ""
+            raise ExportError("; ".join(self.failures) + also + written)
+        if self.problems:
+            raise CheckFailed("; ".join(self.problems),
+                              "see metrics.json; loosen export.tolerance or pass --no-verify to keep the files")
 
 
 # -- the budget verdict and the recommended file ----------------------------------------------------------

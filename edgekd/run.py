@@ -23,7 +23,8 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError, RecipeError, RunDirError
 from edgekd.recipe import Recipe, ValidateConfig, load_recipe, save_recipe
-from edgekd.results import BudgetCheck, ReportResult, ValidationResult, check_budgets
+from edgekd.results import (BudgetCheck, DistillResult, PruneResult, ReportResult, ValidationResult,
+                            check_budgets)
 from edgekd.run_dir import MANIFEST, RunDir
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class PipelineResult:
     report: ReportResult
     budgets: BudgetCheck | None
     warnings: list[str] = field(default_factory=list)
+    distill: DistillResult | None = None  # the teacher, scratch-baseline and KD-student metrics
+    prune: PruneResult | None = None  # the pruned student's metrics, when the recipe prunes
 
 
 @dataclass
@@ -126,8 +129,7 @@ def _run_export(p: _Progress, quiet: bool) -> None:
     from edgekd.export import run_export
 
     report = run_export(p.rd, cfg=p.recipe.export, quiet=quiet, log=None if quiet else log.info)
-    # TODO(merge): run_export returns edgekd.results.ExportReport; then use its `warnings` property.
-    warnings = [f"export: {msg}" for msg in [*report.failures, *report.problems]]
+    warnings = report.warnings
     if not report.files:
         report.raise_for_problems()
         raise RunDirError(f"export wrote no file into {p.rd.path}", "check the recipe's `export` section")
@@ -243,7 +245,8 @@ def run_pipeline(recipe: Recipe, out: str | Path = "exported", force: bool = Fal
     log.info("[report] writing report.md and report.html")
     report = build_report(p.rd, devices, budgets=recipe.validate_, budget_check=check)
     p.ran.append("report")
-    result = PipelineResult(p.rd.path, p.ran, p.skipped, report, check, p.warnings)
+    result = PipelineResult(p.rd.path, p.ran, p.skipped, report, check, p.warnings,
+                            distill=DistillResult.read(p.rd), prune=PruneResult.read(p.rd))
     if check is not None and raise_on_budget:
         check.raise_if_failed()
     return result

@@ -159,3 +159,16 @@ def test_run_continues_an_interrupted_prune(tiny_run: Path, tmp_path: Path):
     a = torch.load(reference / "student_pruned.pt", weights_only=True)["state_dict"]
     b = torch.load(out / "tiny" / "student_pruned.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_typed_distill_and_prune_results_read_the_runs_metrics(tiny_run: Path):
+    """`edgekd run` returns the distill and prune results typed; they are exactly metrics.json's sections."""
+    from edgekd.results import DistillResult, PruneResult
+
+    rd = RunDir(tiny_run)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    result = DistillResult.read(rd)
+    assert result.to_json() == {k: metrics[k] for k in ("teacher", "baseline", "student")}
+    assert result.student.test_accuracy == metrics["student"]["test_accuracy"]
+    assert result.kd_gain == pytest.approx(metrics["student"]["test_accuracy"] - metrics["baseline"]["test_accuracy"])
+    assert PruneResult.read(rd) is None  # the tiny run was not pruned

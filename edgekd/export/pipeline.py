@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import ArtifactChanged, CheckFailed, EdgeKDError, ExportError, RecipeError, RunDirError
+from edgekd.results import ExportReport
 from edgekd.export import metadata as meta_mod
 from edgekd.export import parity
 from edgekd.export.backends import PRECISIONS, ExportBackend, QuantizeJob, backend_for, get_backend, list_backends
@@ -70,30 +71,6 @@ class Target:
     name: str  # file stem: student, student_pruned, teacher
     model: nn.Module
     checkpoint: str  # file in the run directory it was loaded from
-
-
-@dataclass
-class ExportReport:
-    """What an export or quantize call wrote and what went wrong."""
-
-    rd: RunDir
-    files: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)  # conversions that did not produce a file (exit 2)
-    problems: list[str] = field(default_factory=list)  # files that miss the tolerance (exit 1)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures and not self.problems
-
-    def raise_for_problems(self) -> None:
-        """Raise :class:`ExportError` for failed conversions, else :class:`CheckFailed` for failed checks."""
-        if self.failures:
-            also = f"; also failed verification: {'; '.join(self.problems)}" if self.problems else ""
-            written = f" (written: {', '.join(self.files)})" if self.files else ""
-            raise ExportError("; ".join(self.failures) + also + written)
-        if self.problems:
-            raise CheckFailed("; ".join(self.problems),
-                              "see metrics.json; loosen export.tolerance or pass --no-verify to keep the files")
 
 
 def _load_recipe(rd: RunDir) -> Recipe | None:
@@ -506,7 +483,7 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
         log(f"--nhwc ignored: the inputs are {session.layout}, not images")
     t0 = time.perf_counter()
     rd.stage_started("export")
-    report = ExportReport(rd)
+    report = ExportReport(run=str(rd.path))
     exporter = _Exporter(session, report)
     def work() -> None:
         _export_all(exporter, cfg, targets)
@@ -595,7 +572,7 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
     targets: dict[str, Target] = {}
     t0 = time.perf_counter()
     rd.stage_started("quantize")
-    report = ExportReport(rd)
+    report = ExportReport(run=str(rd.path))
     exporter = _Exporter(session, report)
 
     def work() -> None:
