@@ -191,7 +191,10 @@ def test_run_android_end_to_end(device_run, phone, tmp_path):
     assert any(f"--graph={phone['remote']}/student_fp32.tflite" in c for c in calls)
 
     dev = report["device"]
-    assert dev == {"machine": "arm64-v8a", "cpu_model": "QTI SM8350", "cores": os.cpu_count(),
+    # The stand-in phone's `adb shell nproc` is this machine's nproc, which honours OMP_NUM_THREADS: compare with
+    # what it prints in the same environment, not with os.cpu_count().
+    nproc = int(subprocess.run(["nproc"], env=phone["env"], capture_output=True, text=True, check=True).stdout)
+    assert dev == {"machine": "arm64-v8a", "cpu_model": "QTI SM8350", "cores": nproc,
                    "os": "Android 13 (API 33)", "model": "Xiaomi Mi 11", "python": None,
                    "runtime": "benchmark_model", "runtime_version": "unknown", "emulated": False}
     rows = {r["file"]: r for r in report["results"]}
