@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -169,6 +171,8 @@ def plot(models: list[dict], threads: list[int], path: Path) -> None:
 
 
 def main() -> None:
+    # edgekd.bench logs one line per measurement.
+    logging.basicConfig(level=logging.INFO, format="   %(message)s", stream=sys.stdout)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
@@ -202,8 +206,7 @@ def main() -> None:
                 print("   export failures: " + "; ".join(info["export"]["failures"]), flush=True)
             print(f"== {info['name']}: bench at threads {threads}, {args.runs} runs after {args.warmup} warm-up",
                   flush=True)
-            report = run_bench(rd, threads=threads, runs=args.runs, warmup=args.warmup, batch=1,
-                               progress=lambda line: print("   " + line, flush=True))
+            report = run_bench(rd, threads=threads, runs=args.runs, warmup=args.warmup, batch=1).to_json()
             keep = ("file", "runtime", "format", "precision", "threads", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                     "std_ms", "load_ms", "first_inference_ms", "peak_rss_mb", "size_bytes", "loadavg_1m")
             info["rows"] = [{k: r.get(k) for k in keep} for r in report["rows"]]

@@ -17,6 +17,7 @@ Rows are written to ``report.json`` in the run directory; see :func:`run_bench`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -24,15 +25,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from edgekd.errors import EdgeKDError, RunDirError
-from edgekd.run_dir import RunDir, read_rows_report, write_json_atomic
+from edgekd.recipe import ValidateConfig
+from edgekd.results import REPORT_JSON, BenchReport, BenchRow, BenchSkip, ValidationResult, candidates
+from edgekd.run_dir import RunDir, read_eval, write_json_atomic
+from edgekd.runtimes.targets import ModelTarget, check_inputs, discover_models, parse_runtimes
 
 STAGE = "bench"
-REPORT_JSON = "report.json"
+log = logging.getLogger(__name__)
 RSS_METHOD = ("VmHWM of /proc/self/status (peak RSS; resource.getrusage ru_maxrss where there is no /proc) in a "
               "fresh subprocess per model x runtime x threads")
 # A model must run at least this many timed iterations even with --seconds, or percentiles mean nothing.
@@ -72,8 +76,8 @@ def parse_threads(text: str | list[int] | tuple[int, ...]) -> list[int]:
     for item in items:
         try:
             n = int(str(item).strip())
-        except ValueError:
-            raise EdgeKDError(f"--threads {text!r}: {item!r} is not a number", "e.g. --threads 1,2") from None
+        except ValueError as e:
+            raise EdgeKDError(f"--threads {text!r}: {item!r} is not a number", "e.g. --threads 1,2") from e
         if n <= 0:
             raise EdgeKDError(f"--threads must be positive, got {n}", "e.g. --threads 1,2")
         if n not in out:
@@ -81,21 +85,6 @@ def parse_threads(text: str | list[int] | tuple[int, ...]) -> list[int]:
     if not out:
         raise EdgeKDError("--threads is empty", "e.g. --threads 1,2")
     return out
-
-
-def parse_runtimes(text: str | list[str] | None) -> list[str] | None:
-    """``"onnxruntime,litert"`` → a checked list (None: every runtime)."""
-    from edgekd.runtimes import RUNTIMES
-
-    if text is None:
-        return None
-    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    for name in items:
-        if name not in RUNTIMES:
-            raise EdgeKDError(f"unknown runtime {name!r}", f"choose from: {', '.join(RUNTIMES)}")
-    if not items:
-        raise EdgeKDError("--runtime is empty", f"choose from: {', '.join(RUNTIMES)}")
-    return items
 
 
 # -- one measurement (runs inside the worker subprocess) ------------------------------------------------
@@ -262,48 +251,7 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(), "runtimes": versions}
 
 
-def _file_size(rd: RunDir, file: str) -> int:
-    """Bytes of a model file plus its ONNX external-data file, if any (what a device must store)."""
-    p = rd / file
-    size = p.stat().st_size
-    data = p.with_name(p.name + ".data")
-    if p.suffix == ".onnx" and data.exists():
-        size += data.stat().st_size
-    return size
-
-
-def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 200, seconds: float | None = None,
-              warmup: int = 20, batch: int = 1, runtimes: list[str] | None = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure every model of the run on every runtime that can run it, at each thread count.
-
-    Args:
-        rd: The run directory.
-        threads: Thread counts (a list or ``"1,2"``).
-        runs: Timed iterations per measurement (ignored when ``seconds`` is given).
-        seconds: Time each measurement for this many seconds instead.
-        warmup: Untimed iterations after the first inference.
-        batch: Samples per inference; ``throughput_ips`` is measured at this batch size.
-        runtimes: Only these runtimes (None: all).
-        progress: Called with one line per measurement.
-
-    Returns:
-        The ``report.json`` content: ``{"schema_version", "run", "machine", "settings", "rows", "skipped"}``;
-        every row has ``model`` (the file's stem, as device results have), ``file``, ``source_model``,
-        ``runtime``, ``format``, ``precision``, ``threads``, ``batch``, ``load_ms``, ``first_inference_ms``,
-        ``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms``, ``std_ms``, ``min_ms``, ``max_ms``, ``runs``,
-        ``throughput_ips``, ``peak_rss_mb``, ``model_rss_mb``, ``size_bytes``, ``params``, ``macs`` and the
-        ``test_accuracy`` that ``edgekd validate`` measured for the same file and runtime (None before it ran).
-
-    Raises:
-        EdgeKDError: Bad arguments (threads <= 0, unknown runtime, runs and seconds both or neither).
-        RunDirError: The run has no models or no eval.npz, or a file the manifest records is missing.
-        ArtifactChanged: A model file or eval.npz changed since it was written (exit code 1).
-    """
-    from edgekd.validate import check_inputs, discover_models, read_validation
-
-    threads = parse_threads(threads)
-    runtimes = parse_runtimes(runtimes)
+def _check_settings(runs: int | None, seconds: float | None, warmup: int, batch: int) -> None:
     if seconds is not None and seconds <= 0:
         raise EdgeKDError(f"--seconds must be positive, got {seconds}")
     if seconds is None and (runs is None or runs <= 0):
@@ -312,57 +260,130 @@ def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 20
         raise EdgeKDError(f"--warmup must be 0 or more, got {warmup}")
     if batch <= 0:
         raise EdgeKDError(f"--batch must be positive, got {batch}")
-    eval_path = rd / "eval.npz"
-    if not eval_path.is_file():
-        raise RunDirError(f"{eval_path} not found", "run `edgekd distill` first")
+
+
+def _bench_targets(rd: RunDir, runtimes: list[str] | None) -> list[ModelTarget]:
+    """The files to measure, checked against their records."""
+    if not (rd / "eval.npz").is_file():
+        raise RunDirError(f"{rd / 'eval.npz'} not found", "run `edgekd distill` first")
     # The scratch baseline has the student's architecture, so its latency is the student's: not measured twice.
     targets = [t for t in discover_models(rd, runtimes) if t.source_model != "baseline"]
     if not targets:
         raise RunDirError(f"{rd.path} holds no models to measure", "run `edgekd distill` and `edgekd export` first")
     check_inputs(rd, targets)  # a changed or truncated file is an error, not a row of numbers
-    accuracy = {(r["file"], r["runtime"]): r for r in read_validation(rd).get("rows", [])}
-    metrics = rd.metrics()
+    return targets
 
-    rd.stage_started(STAGE)
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    for target in targets:
-        for n in threads:
-            res = measure_in_subprocess(rd / target.file, target.entry, target.runtime, n, eval_path, batch,
-                                        warmup, None if seconds is not None else runs, seconds)
-            ident = {"model": target.stem, "file": target.file, "runtime": target.runtime, "threads": n}
-            if not res.pop("ok", False):
-                skipped.append({**ident, "reason": res.get("reason", "unknown")})
-                if progress:
-                    progress(f"{target.file:32s} {target.runtime:12s} {n}t  skipped: {res.get('reason')}")
-                continue
-            src = metrics.get(target.source_model, {})
-            val = accuracy.get((target.file, target.runtime), {})
-            row = {**ident, "source_model": target.source_model, "format": target.format,
-                   "precision": target.precision, "batch": batch, **_rounded(res),
-                   "size_bytes": _file_size(rd, target.file), "params": src.get("params"), "macs": src.get("macs"),
-                   "test_accuracy": val.get("test_accuracy"), "emulated": False}
-            rows.append(row)
-            if progress:
-                progress(f"{target.file:32s} {target.runtime:12s} {n}t  p50 {row['p50_ms']:9.4f} ms  "
-                         f"p99 {row['p99_ms']:9.4f} ms  load {row['load_ms']:8.1f} ms  "
-                         f"rss {row['peak_rss_mb']:7.1f} MB")
-    if not rows:
-        reasons = "; ".join(f"{s['file']} ({s['runtime']}): {s['reason']}" for s in skipped[:3])
-        raise RunDirError(f"no model of {rd.path} could be measured: {reasons}")
-    report = {"schema_version": 1, "run": rd.name, "machine": machine_info(),
-              "settings": {"threads": threads, "runs": None if seconds is not None else runs, "seconds": seconds,
-                           "warmup": warmup, "batch": batch, "rss_method": RSS_METHOD,
-                           "timing": "one runtime call on a prepared batch (set input, invoke, read output)"},
-              "rows": rows, "skipped": skipped}
-    write_json_atomic(rd / REPORT_JSON, report)
-    for file in sorted({r["file"] for r in rows}):
-        lat = {f"{r['runtime']}/{r['threads']}t": {k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")}
-               for r in rows if r["file"] == file}
+
+def _measure_target(rd: RunDir, target: ModelTarget, n: int, settings: dict[str, Any],
+                    context: dict[str, Any]) -> BenchRow | BenchSkip:
+    """One (file, runtime, threads) measured in a fresh process: a row, or why it could not be measured."""
+    seconds, batch = settings["seconds"], settings["batch"]
+    res = measure_in_subprocess(rd / target.file, target.entry, target.runtime, n, rd / "eval.npz", batch,
+                                settings["warmup"], settings["runs"], seconds)
+    ident = {"model": target.stem, "file": target.file, "runtime": target.runtime, "threads": n}
+    if not res.pop("ok", False):
+        log.info(f"{target.file:32s} {target.runtime:12s} {n}t  skipped: {res.get('reason')}")
+        return BenchSkip(**ident, reason=res.get("reason", "unknown"))
+    src = context["metrics"].get(target.source_model, {})
+    val = context["validation"].row(target.file, target.runtime)
+    row = BenchRow.from_json({**ident, "source_model": target.source_model, "format": target.format,
+                              "precision": target.precision, "batch": batch, **_rounded(res),
+                              "size_bytes": rd.model_size(target.file), "params": src.get("params"),
+                              "macs": src.get("macs"), "test_accuracy": val.test_accuracy if val else None,
+                              "emulated": False})
+    log.info(f"{target.file:32s} {target.runtime:12s} {n}t  p50 {row.p50_ms:9.4f} ms  p99 {row.p99_ms:9.4f} ms  "
+             f"load {row.load_ms:8.1f} ms  rss {row.peak_rss_mb:7.1f} MB")
+    return row
+
+
+def _record(rd: RunDir, report: BenchReport) -> None:
+    """Write ``report.json``, each file's latency entry in ``metrics.json`` and the manifest."""
+    write_json_atomic(rd / REPORT_JSON, report.to_json())
+    for file in sorted({r.file for r in report.rows}):
+        lat = {f"{r.runtime}/{r.threads}t": {"p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
+                                              "mean_ms": r.mean_ms}
+               for r in report.rows if r.file == file}
         rd.update_metrics(file, {"latency": lat})
     rd.record_artifacts(REPORT_JSON)
-    rd.stage_done(STAGE, artifact=REPORT_JSON, rows=len(rows), skipped=len(skipped))
+    rd.stage_done(STAGE, artifact=REPORT_JSON, rows=len(report.rows), skipped=len(report.skipped))
+
+
+def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 200, seconds: float | None = None,
+              warmup: int = 20, batch: int = 1, runtimes: str | list[str] | None = None) -> BenchReport:
+    """Measure every model of the run on every runtime that can run it, at each thread count.
+
+    Logs one line per measurement (``edgekd.bench`` logger, level INFO).
+
+    Args:
+        rd: The run directory.
+        threads: Thread counts (a list or ``"1,2"``).
+        runs: Timed iterations per measurement (ignored when ``seconds`` is given).
+        seconds: Time each measurement for this many seconds instead.
+        warmup: Untimed iterations after the first inference.
+        batch: Samples per inference; ``throughput_ips`` is measured at this batch size.
+        runtimes: Only these runtimes (a list or ``"onnxruntime,litert"``; None: all).
+
+    Returns:
+        The report also written to ``report.json``: the machine, the settings, one
+        :class:`~edgekd.results.BenchRow` per (file, runtime, threads) (its ``test_accuracy`` is what
+        ``edgekd validate`` measured for the same file and runtime, None before it ran) and the skipped ones.
+
+    Raises:
+        EdgeKDError: Bad arguments (threads <= 0, unknown runtime, runs and seconds both or neither).
+        RunDirError: The run has no models or no eval.npz, or a file the manifest records is missing.
+        ArtifactChanged: A model file or eval.npz changed since it was written (exit code 1).
+    """
+    threads = parse_threads(threads)
+    runtimes = parse_runtimes(runtimes)
+    _check_settings(runs, seconds, warmup, batch)
+    targets = _bench_targets(rd, runtimes)
+    settings = {"threads": threads, "runs": None if seconds is not None else runs, "seconds": seconds,
+                "warmup": warmup, "batch": batch, "rss_method": RSS_METHOD,
+                "timing": "one runtime call on a prepared batch (set input, invoke, read output)"}
+    context = {"validation": ValidationResult.read(rd), "metrics": rd.metrics()}
+
+    rd.stage_started(STAGE)
+    report = BenchReport(run=rd.name, settings=settings)
+    for target in targets:
+        for n in threads:
+            out = _measure_target(rd, target, n, settings, context)
+            (report.rows if isinstance(out, BenchRow) else report.skipped).append(out)
+    if not report.rows:
+        reasons = "; ".join(f"{s.file} ({s.runtime}): {s.reason}" for s in report.skipped[:3])
+        raise RunDirError(f"no model of {rd.path} could be measured: {reasons}")
+    report.machine = machine_info()
+    _record(rd, report)
     return report
+
+
+def quick_latency(rd: RunDir, validation: ValidationResult, threads: int = 1, runs: int = 50,
+                  warmup: int = 10) -> BenchReport:
+    """Batch-1 p50 of the student variants, measured in this process, for a latency budget without a bench.
+
+    Returns a report holding only the timing keys of its rows; nothing is written.
+    """
+    x, _ = read_eval(rd)
+    x1 = batch_of(x, 1)
+    targets = {(t.file, t.runtime): t for t in discover_models(rd)}
+    report = BenchReport(run=rd.name, settings={"threads": [threads], "runs": runs, "warmup": warmup, "batch": 1,
+                                                "note": "quick in-process measurement by validate (no bench report)"})
+    for c in candidates(validation, BenchReport()):
+        t = targets.get((c.file, c.runtime))
+        if t is None:
+            continue
+        res = measure(rd / t.file, t.entry, t.runtime, threads, x1, warmup, runs=runs)
+        report.rows.append(BenchRow(file=t.file, runtime=t.runtime, threads=threads, batch=1, p50_ms=res["p50_ms"]))
+    return report
+
+
+def latency_for_budgets(rd: RunDir, validation: ValidationResult, budgets: ValidateConfig | None) -> BenchReport:
+    """What the budget verdict judges latency by: ``report.json``, or a quick measurement when a latency
+    budget is set and bench has not run."""
+    bench = BenchReport.read(rd)
+    if budgets is not None and budgets.max_p50_ms is not None and not bench.rows:
+        log.warning("no bench results: measuring batch-1 p50 of the student variants for the latency budget")
+        bench = quick_latency(rd, validation)
+    return bench
 
 
 def _rounded(res: dict[str, Any]) -> dict[str, Any]:
@@ -370,23 +391,18 @@ def _rounded(res: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in res.items()}
 
 
-def read_report(rd: RunDir) -> dict[str, Any]:
-    """``report.json`` of a run, or ``{}`` when bench has not run."""
-    return read_rows_report(rd / REPORT_JSON, "edgekd bench")
-
-
-def bench_summary(report: dict[str, Any]) -> str:
+def bench_summary(report: BenchReport) -> str:
     """A plain-text table of the bench rows."""
     from edgekd.summary import table
 
-    rows = [[r["file"], r["runtime"], str(r["threads"]), f"{r['load_ms']:.1f}", f"{r['first_inference_ms']:.3f}",
-             f"{r['p50_ms']:.4f}", f"{r['p90_ms']:.4f}", f"{r['p99_ms']:.4f}", f"{r['std_ms']:.4f}",
-             f"{r['throughput_ips']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1024:.1f}"]
-            for r in report.get("rows", [])]
+    rows = [[r.file, r.runtime, str(r.threads), f"{r.load_ms:.1f}", f"{r.first_inference_ms:.3f}",
+             f"{r.p50_ms:.4f}", f"{r.p90_ms:.4f}", f"{r.p99_ms:.4f}", f"{r.std_ms:.4f}",
+             f"{r.throughput_ips:.0f}", f"{r.peak_rss_mb:.0f}", f"{r.size_bytes / 1024:.1f}"]
+            for r in report.rows]
     text = table(["file", "runtime", "thr", "load_ms", "first_ms", "p50_ms", "p90_ms", "p99_ms", "std_ms",
                   "inf/s", "rss_MB", "size_KB"], rows)
-    for s in report.get("skipped", []):
-        text += f"\nskipped {s['file']} ({s['runtime']}, {s['threads']}t): {s['reason']}"
+    for s in report.skipped:
+        text += f"\nskipped {s.file} ({s.runtime}, {s.threads}t): {s.reason}"
     return text
 
 

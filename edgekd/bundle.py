@@ -87,7 +87,7 @@ def _onnx_external_files(model_path: Path) -> list[str]:
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:
-        raise BundleError(f"{model_path} is not a readable ONNX model ({e.__class__.__name__})") from None
+        raise BundleError(f"{model_path} is not a readable ONNX model ({e.__class__.__name__})") from e
     locations = []
     tensors = list(model.graph.initializer)
     for node in model.graph.node:  # Constant nodes can hold external tensors too
@@ -155,7 +155,7 @@ def make_bundle(run_dir: Path, out_dir: Path | None = None) -> Path:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{meta_path} is not valid JSON ({e.__class__.__name__})") from None
+        raise BundleError(f"{meta_path} is not valid JSON ({e.__class__.__name__})") from e
     if not isinstance(meta, dict):
         raise BundleError(f"{meta_path} does not hold a JSON object")
     if not (run_dir / "eval.npz").is_file():

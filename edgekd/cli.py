@@ -1,6 +1,8 @@
 """The ``edgekd`` command line. Commands stay thin: parse options, call the stage, print a summary.
 
-Heavy modules (torch and friends) are imported inside command bodies so ``edgekd --help`` is instant.
+Shared options live in :mod:`edgekd.options`; recipe sections are merged with ``--set`` and command-line values
+by :func:`edgekd.recipe.merge_section`. Heavy modules (torch and friends) are imported inside command bodies so
+``edgekd --help`` is instant.
 """
 
 from __future__ import annotations
@@ -14,25 +16,8 @@ import click
 
 from edgekd import __version__
 from edgekd.errors import EdgeKDError
-
-
-def recipe_options(fn: Callable) -> Callable:
-    """Options shared by commands that start from a recipe."""
-    decorators = [
-        click.option("--out", "out", default="exported", show_default=True, type=click.Path(file_okay=False),
-                     help="Parent directory of run directories."),
-        click.option("--name", "name", default=None, help="Run name (default: the recipe's `name`)."),
-        click.option("--seed", type=int, default=None, help="Random seed (overrides the recipe's `seed`)."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override a recipe key, e.g. --set distill.epochs=3 (repeatable)."),
-        click.option("--resume", is_flag=True, help="Continue the run named --name from its last finished epoch."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
-        click.option("--allow-pickle", is_flag=True,
-                     help="Allow checkpoints that need unpickling (runs code from the file: trusted files only)."),
-    ]
-    for deco in reversed(decorators):
-        fn = deco(fn)
-    return fn
+from edgekd.options import (allow_pickle_option, device_files_option, out_option, quiet_option, recipe_options,
+                            resume_option, run_dir_options, runtime_option, seed_option, set_option, setup_logging)
 
 
 # OSErrors that mean "this output location cannot be written", reported as bad input (exit code 2). ENOTDIR and
@@ -90,11 +75,15 @@ def _internal_error(ctx: click.Context, e: BaseException) -> None:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Distill, prune, quantize and export small models for edge devices, with measured accuracy and speed."""
     ctx.ensure_object(dict)["debug"] = debug
+    setup_logging(quiet=False)  # a command's -q lowers it to warnings
 
 
 @cli.command()
 @click.argument("recipe", required=False)
-@recipe_options
+@recipe_options()
+@resume_option
+@quiet_option("No progress bars.")
+@allow_pickle_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="Training device (auto: CUDA, then MPS, then CPU). Under torchrun, one process per device.")
 def distill(recipe: str | None, out: str, name: str | None, seed: int | None, overrides: tuple[str, ...],
@@ -103,12 +92,11 @@ def distill(recipe: str | None, out: str, name: str | None, seed: int | None, ov
 
     For several processes: torchrun --nproc_per_node=N -m edgekd distill RECIPE (DDP; rank 0 writes the run).
     """
-    from edgekd.recipe import load_recipe
-
-    r = load_recipe(recipe, overrides, name=name, seed=seed)
     from edgekd.distill.distributed import run_distill_everywhere
+    from edgekd.recipe import load_recipe
     from edgekd.summary import distill_summary
 
+    r = load_recipe(recipe, overrides, name=name, seed=seed)
     rd = run_distill_everywhere(r, out=out, device_name=device, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
     if rd is not None:
         click.echo(distill_summary(rd))
@@ -132,20 +120,19 @@ def list_losses() -> None:
 @click.option("--study-name", default=None, help="Study name (default: <recipe name>-sweep).")
 @click.option("--losses", "loss_names", default=None, metavar="NAMES",
               help="Also choose the loss among these, comma-separated (e.g. kd,dkd).")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Folder for the study, teacher, best_recipe.yaml and trials.png (default: sweeps/<study name>).")
-@click.option("--seed", type=int, default=None, help="Random seed (overrides the recipe's `seed`).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-@click.option("--allow-pickle", is_flag=True, help="Allow teacher checkpoints that need unpickling (trusted files only).")
+@out_option("Folder for the study, teacher, best_recipe.yaml and trials.png (default: sweeps/<study name>).",
+            default=None)
+@seed_option
+@set_option("distill.epochs=3")
+@quiet_option("No progress lines.")
+@allow_pickle_option
 def sweep_cmd(recipe: str | None, trials: int, storage: str | None, study_name: str | None, loss_names: str | None,
               out: str | None, seed: int | None, overrides: tuple[str, ...], quiet: bool, allow_pickle: bool) -> None:
     """Tune distill.loss (temperature, alpha or loss weights; optionally which loss) on validation with Optuna."""
     from edgekd.recipe import load_recipe
-
-    r = load_recipe(recipe, overrides, seed=seed)
     from edgekd.sweep import run_sweep
 
+    r = load_recipe(recipe, overrides, seed=seed)
     names = [n.strip() for n in loss_names.split(",") if n.strip()] if loss_names else None
     result = run_sweep(r, trials=trials, out=out, storage=storage, study_name=study_name, loss_names=names,
                        quiet=quiet, allow_pickle=allow_pickle)
@@ -163,15 +150,8 @@ def list_models() -> None:
         click.echo(f"{name:12s} {doc}")
 
 
-def _run_option(fn: Callable) -> Callable:
-    fn = click.option("--out", "out", default="exported", show_default=True,
-                      help="Where runs live (for the default --run).")(fn)
-    return click.option("--run", "run", default=None, type=click.Path(file_okay=False),
-                        help="Run directory (default: the latest in --out).")(fn)
-
-
 @cli.command()
-@_run_option
+@run_dir_options
 @click.option("--dest", default=None, type=click.Path(file_okay=False), help="Bundle folder (default: RUN/bundle).")
 def bundle(run: str | None, out: str, dest: str | None) -> None:
     """Gather what a device needs (models, metadata, eval set, bench.py) into one folder to copy over."""
@@ -186,7 +166,7 @@ def bundle(run: str | None, out: str, dest: str | None) -> None:
 
 
 @cli.command("prune")
-@_run_option
+@run_dir_options
 @click.option("--ratio", type=float, default=None, help="Fraction of channels to remove, in (0, 1).")
 @click.option("--target-macs", type=float, default=None, help="Instead of --ratio: shrink MACs by this factor.")
 @click.option("--target-params", type=float, default=None, help="Instead of --ratio: shrink params by this factor.")
@@ -194,12 +174,13 @@ def bundle(run: str | None, out: str, dest: str | None) -> None:
 @click.option("--importance", default=None, metavar="NAME", help="Channel importance: l1, l2, bn or taylor.")
 @click.option("--finetune-epochs", type=int, default=None, help="KD fine-tuning epochs after each step.")
 @click.option("--protect", multiple=True, metavar="NAME", help="Module never pruned (repeatable; the classifier always is).")
+@set_option("prune.global_pruning=true", "a key of the run recipe's `prune` section (options above win)")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted prune from its last finished step and epoch (same options).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-step lines.")
+@quiet_option("No progress bars or per-step lines.")
 def prune_cmd(run: str | None, out: str, ratio: float | None, target_macs: float | None, target_params: float | None,
               steps: int | None, importance: str | None, finetune_epochs: int | None, protect: tuple[str, ...],
-              resume: bool, quiet: bool) -> None:
+              overrides: tuple[str, ...], resume: bool, quiet: bool) -> None:
     """Remove whole channels of the distilled student (torch-pruning) and recover accuracy by KD fine-tuning.
 
     Defaults come from the run recipe's `prune` section. Writes RUN/student_pruned.pt and
@@ -207,11 +188,13 @@ def prune_cmd(run: str | None, out: str, ratio: float | None, target_macs: float
     and fine-tuning epoch is saved under RUN/checkpoints; --resume continues a killed or interrupted prune.
     """
     from edgekd.prune import run_prune, summary
+    from edgekd.recipe import section_overrides
     from edgekd.run_dir import resolve_run
 
-    rd = run_prune(resolve_run(run, out), ratio=ratio, target_macs=target_macs, target_params=target_params,
-                   steps=steps, importance=importance, finetune_epochs=finetune_epochs, protect=protect, quiet=quiet,
-                   resume=resume)
+    given = {"ratio": ratio, "target_macs": target_macs, "target_params": target_params, "steps": steps,
+             "importance": importance, "finetune_epochs": finetune_epochs, "protect": protect or None}
+    options = section_overrides(overrides, "prune", "prune") | {k: v for k, v in given.items() if v is not None}
+    rd = run_prune(resolve_run(run, out), quiet=quiet, resume=resume, **options)
     if rd is not None:  # None on ranks other than 0 under torchrun
         click.echo(summary(rd))
 
@@ -220,19 +203,27 @@ def prune_cmd(run: str | None, out: str, ratio: float | None, target_macs: float
 
 def _export_options(fn: Callable) -> Callable:
     decorators = [
-        click.option("--run", "run", default=None, type=click.Path(file_okay=False),
-                     help="Run directory (default: the latest in --out)."),
-        click.option("--out", "out", default="exported", show_default=True, help="Where runs live (for the default --run)."),
+        run_dir_options,
         click.option("--int8-io", type=click.Choice(["float32", "int8", "uint8"]), default=None,
                      help="Input/output type of full-integer TFLite files (default: the recipe's, else float32)."),
         click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
                      help="ONNX Runtime int8 calibration (default: the recipe's, else minmax)."),
         click.option("--no-verify", is_flag=True, help="Do not run the files on the test split (no tolerance check)."),
-        click.option("-q", "--quiet", is_flag=True, help="Only the summary table."),
+        set_option("export.calibration_samples=128", "a key of the run recipe's `export` section (options win)"),
+        quiet_option("Only the summary table."),
     ]
     for deco in reversed(decorators):
         fn = deco(fn)
     return fn
+
+
+def _export_section(run: str | None, out: str, overrides: tuple[str, ...], command: str) -> tuple[Any, Any]:
+    """The run and, with --set, its recipe's export section with the overrides (None: the stage reads it)."""
+    from edgekd.recipe import merge_section
+    from edgekd.run_dir import resolve_run
+
+    rd = resolve_run(run, out)
+    return rd, (merge_section(rd / "recipe.yaml", "export", overrides, command=command) if overrides else None)
 
 
 @cli.command("export")
@@ -244,8 +235,8 @@ def _export_options(fn: Callable) -> Callable:
 @click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
 @click.option("--no-teacher", is_flag=True, help="Do not export the teacher (fp32) for comparison.")
 def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
-               quiet: bool, onnx_: bool, tflite_: bool, quantize: str | None, nhwc: bool | None,
-               no_teacher: bool) -> None:
+               overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, quantize: str | None,
+               nhwc: bool | None, no_teacher: bool) -> None:
     """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
 
     Every file is run in its own runtime on the run's test split: fp32 files must match PyTorch within
@@ -254,10 +245,11 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
     """
     from edgekd.export import run_export, summary_table
 
+    rd, cfg = _export_section(run, out, overrides, "export")
     formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_)) if on] or None
-    report = run_export(run, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
+    report = run_export(rd, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
-                        verify=not no_verify, log=None if quiet else click.echo, check=False)
+                        verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False)
     click.echo(summary_table(report.rd))
     report.raise_for_problems()
 
@@ -269,26 +261,32 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
 @click.option("--file", "files", multiple=True, metavar="NAME",
               help="An exported fp32 file to quantize (repeatable; default: every fp32 student file).")
 def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
-                 quiet: bool, precision: str | None, files: tuple[str, ...]) -> None:
+                 overrides: tuple[str, ...], quiet: bool, precision: str | None, files: tuple[str, ...]) -> None:
     """Post-training quantization of fp32 files already written by `edgekd export`, verified the same way."""
     from edgekd.export import run_quantize, summary_table
 
-    report = run_quantize(run, out, precisions=precision, files=list(files) or None, int8_io=int8_io,
+    rd, cfg = _export_section(run, out, overrides, "quantize")
+    report = run_quantize(rd, out, precisions=precision, files=list(files) or None, int8_io=int8_io,
                           calibration_method=calibration_method, verify=not no_verify,
-                          log=None if quiet else click.echo, check=False)
+                          log=None if quiet else click.echo, cfg=cfg, check=False)
     click.echo(summary_table(report.rd))
     report.raise_for_problems()
 
 
 # -- validate / bench / report / run (edgekd/validate.py, bench.py, report.py, run.py) --------------------
 
+def _budgets(rd: Any, overrides: tuple[str, ...], command: str) -> Any:
+    """The run recipe's `validate` budgets with --set overrides (None: no budgets)."""
+    from edgekd.recipe import merge_section
+
+    return merge_section(rd / "recipe.yaml", "validate", overrides, command=command, default=False)
+
+
 @cli.command("validate")
-@_run_option
-@click.option("--runtime", "runtimes", default=None, metavar="NAMES",
-              help="Only these runtimes, comma-separated: torch, onnxruntime, litert (default: all).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a budget of the run's recipe, e.g. --set validate.max_size_kb=100 (repeatable).")
-@click.option("-q", "--quiet", is_flag=True, help="Only the summary table.")
+@run_dir_options
+@runtime_option
+@set_option("validate.max_size_kb=100", "a budget of the run's recipe")
+@quiet_option("Only the summary table.")
 def validate_cmd(run: str | None, out: str, runtimes: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Accuracy, macro P/R/F1 and agreement with teacher and fp32 student, for every model in every runtime.
 
@@ -296,101 +294,83 @@ def validate_cmd(run: str | None, out: str, runtimes: str | None, overrides: tup
     changed or truncated since it was written fails the command (exit 1) naming it, before anything is measured.
     Exits 1 when a budget of the recipe's `validate` section is broken, listing what broke.
     """
-    from edgekd.bench import read_report
+    from edgekd.bench import latency_for_budgets
+    from edgekd.results import check_budgets, recommend
     from edgekd.run_dir import resolve_run
-    from edgekd.validate import (check_budgets, load_budgets, quick_latency, raise_if_failed, recommend,
-                                 run_validate, validate_summary)
+    from edgekd.validate import run_validate, validate_summary
 
     rd = resolve_run(run, out)
-    budgets = load_budgets(rd, overrides)
-    result = run_validate(rd, runtimes=runtimes, progress=None if quiet else click.echo)
+    budgets = _budgets(rd, overrides, "validate")
+    result = run_validate(rd, runtimes=runtimes)
     click.echo(validate_summary(result))
-    bench = read_report(rd)
-    if budgets is not None and budgets.max_p50_ms is not None and not bench.get("rows"):
-        click.echo("no bench results: measuring batch-1 p50 of the student variants for the latency budget")
-        bench = quick_latency(rd, result)
-    rec = recommend(result, bench, budgets)["recommended"]
+    bench = latency_for_budgets(rd, result, budgets)
+    rec = recommend(result, bench, budgets).recommended
     if rec:
-        click.echo(f"recommended: {rec['file']} ({rec['runtime']})")
+        click.echo(f"recommended: {rec.file} ({rec.runtime})")
     check = check_budgets(result, bench, budgets)
-    raise_if_failed(check)
-    if any(v is not None for v in check["budgets"].values()):
+    check.raise_if_failed()
+    if check.any_set:
         click.echo("budgets: passed")
 
 
 @cli.command("bench")
-@_run_option
+@run_dir_options
 @click.option("--threads", default=None, metavar="N[,N...]", help="Thread counts (default: the recipe's, else 1,2).")
 @click.option("--runs", type=int, default=None, help="Timed runs per measurement (default: the recipe's, else 200).")
 @click.option("--seconds", type=float, default=None, help="Time each measurement this long instead of --runs.")
 @click.option("--warmup", type=int, default=None, help="Untimed runs after the first inference (default 20).")
 @click.option("--batch", type=int, default=None, help="Batch size for latency and throughput (default 1).")
-@click.option("--runtime", "runtimes", default=None, metavar="NAMES",
-              help="Only these runtimes, comma-separated: torch, onnxruntime, litert (default: all).")
-@click.option("-q", "--quiet", is_flag=True, help="Only the summary table.")
+@runtime_option
+@set_option("bench.runs=50", "a key of the run recipe's `bench` section (options above win)")
+@quiet_option("Only the summary table.")
 def bench_cmd(run: str | None, out: str, threads: str | None, runs: int | None, seconds: float | None,
-              warmup: int | None, batch: int | None, runtimes: str | None, quiet: bool) -> None:
+              warmup: int | None, batch: int | None, runtimes: str | None, overrides: tuple[str, ...],
+              quiet: bool) -> None:
     """Latency (load, first, p50/p90/p99/mean/std), throughput and peak RSS of every model, each in a fresh process.
 
     Rows go to RUN/report.json.
     """
     from edgekd.bench import bench_summary, run_bench
+    from edgekd.recipe import merge_section
     from edgekd.run_dir import resolve_run
 
     if runs is not None and seconds is not None:
         raise EdgeKDError("give --runs or --seconds, not both")
     rd = resolve_run(run, out)
-    cfg = _bench_defaults(rd)
-    report = run_bench(rd, threads=threads or cfg["threads"], runs=runs if runs is not None else cfg["runs"],
-                       seconds=seconds, warmup=warmup if warmup is not None else cfg["warmup"],
-                       batch=batch if batch is not None else cfg["batch"], runtimes=runtimes,
-                       progress=None if quiet else click.echo)
+    cfg = merge_section(rd / "recipe.yaml", "bench", overrides, command="bench",
+                        options={"threads": threads, "runs": runs, "warmup": warmup, "batch": batch})
+    report = run_bench(rd, threads=cfg.threads, runs=cfg.runs, seconds=seconds, warmup=cfg.warmup, batch=cfg.batch,
+                       runtimes=runtimes)
     click.echo(bench_summary(report))
     click.echo(f"results: {rd / 'report.json'}")
 
 
-def _bench_defaults(rd: Any) -> dict[str, Any]:
-    """The run recipe's `bench` section, or the schema defaults."""
-    from edgekd.recipe import BenchConfig, load_recipe
-
-    cfg = None
-    if (rd / "recipe.yaml").is_file():
-        cfg = load_recipe(rd / "recipe.yaml").bench
-    return (cfg or BenchConfig()).model_dump()
-
-
 @cli.command("report")
-@_run_option
-@click.option("--device", "devices", multiple=True, type=click.Path(dir_okay=False),
-              help="Device results JSON (from device_tests/bench.py), merged as extra rows (repeatable).")
-def report_cmd(run: str | None, out: str, devices: tuple[str, ...]) -> None:
+@run_dir_options
+@device_files_option("Device results JSON (from device_tests/bench.py), merged as extra rows (repeatable).")
+@set_option("validate.max_size_kb=100", "a budget of the run's recipe")
+def report_cmd(run: str | None, out: str, devices: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Write RUN/report.md and a self-contained RUN/report.html (tables and plots)."""
     from edgekd.report import build_report
     from edgekd.run_dir import resolve_run
 
     rd = resolve_run(run, out)
-    rep = build_report(rd, list(devices))
-    if rep.get("recommended"):
-        click.echo(f"recommended: {rep['recommended']['file']} ({rep['recommended']['runtime']})")
-    if rep.get("speedup"):
-        click.echo(f"speedup over the PyTorch fp32 teacher: {rep['speedup']['speedup']:.1f}x")
-    click.echo(f"report: {rep['html']}  (and {rep['markdown']})")
+    rep = build_report(rd, list(devices), budgets=_budgets(rd, overrides, "report"))
+    rec, speed = rep.summary.recommended, rep.summary.speedup
+    if rec:
+        click.echo(f"recommended: {rec.file} ({rec.runtime})")
+    if speed:
+        click.echo(f"speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x")
+    click.echo(f"report: {rep.html}  (and {rep.markdown})")
 
 
 @cli.command("run")
 @click.argument("recipe", required=False)
-@click.option("--out", "out", default="exported", show_default=True, type=click.Path(file_okay=False),
-              help="Parent directory of run directories.")
-@click.option("--name", "name", default=None, help="Run name (default: the recipe's `name`).")
-@click.option("--seed", type=int, default=None, help="Random seed (overrides the recipe's `seed`).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key, e.g. --set bench.runs=50 (repeatable).")
+@recipe_options("bench.runs=50")
 @click.option("--force", is_flag=True, help="Run every stage again, in a new run directory.")
-@click.option("--device", "devices", multiple=True, type=click.Path(dir_okay=False),
-              help="Device results JSON to merge into the report (repeatable).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-model lines.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Allow checkpoints that need unpickling (runs code from the file: trusted files only).")
+@device_files_option()
+@quiet_option()
+@allow_pickle_option
 def run_cmd(recipe: str | None, out: str, name: str | None, seed: int | None, overrides: tuple[str, ...],
             force: bool, devices: tuple[str, ...], quiet: bool, allow_pickle: bool) -> None:
     """distill → prune → export → validate → bench → report; RECIPE defaults to the built-in mnist recipe.
@@ -399,14 +379,13 @@ def run_cmd(recipe: str | None, out: str, name: str | None, seed: int | None, ov
     the recommended file and where the report is. Exits 1 when a budget is broken.
     """
     from edgekd.run import resolve_recipe, run_pipeline, run_summary
-    from edgekd.validate import raise_if_failed
 
     r = resolve_recipe(recipe, overrides, name=name, seed=seed)
     result = run_pipeline(r, out=out, force=force, devices=list(devices), quiet=quiet, allow_pickle=allow_pickle,
-                          echo=click.echo, raise_on_budget=False)
+                          raise_on_budget=False)
     click.echo(run_summary(result))
-    if result["budgets"] is not None:
-        raise_if_failed(result["budgets"])
+    if result.budgets is not None:
+        result.budgets.raise_if_failed()
 
 
 def main() -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgekd.errors import RecipeError
+from edgekd.errors import RecipeError, RunDirError
 
 DEFAULT_RECIPE = "mnist"
 
@@ -247,14 +247,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise RecipeError(f"recipe {path} is not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"recipe {path} is not a text file") from None
+        raise RecipeError(f"recipe {path} is not valid YAML{where}: {problem}") from e
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path} is not a text file") from e
     except Exception as e:
         # PyYAML builds some tagged or implicit scalars with Python constructors that raise their own errors
         # (ValueError for a date like 2001-02-30, `!!int 0x` or `!!float abc`; AttributeError for
         # `!!timestamp x`), and recurses on deep nesting: on a user's text, each means "not valid YAML".
-        raise RecipeError(f"recipe {path} is not valid YAML: {_one_line(e)}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML: {_one_line(e)}") from e
     if data is None:
         raise RecipeError(f"recipe {path} is empty", "see recipes/README.md for the keys")
     if not isinstance(data, dict):
@@ -293,7 +293,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(_describe(e.errors()[0], source)) from None
+        raise RecipeError(_describe(e.errors()[0], source)) from e
 
 
 def _describe(err: dict[str, Any], source: str) -> str:
@@ -349,6 +349,77 @@ def _model_of(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+# -- one recipe section with command-line overrides ------------------------------------------------------
+
+def _section_attr(section: str) -> str:
+    return "validate_" if section == "validate" else section
+
+
+def _check_override_keys(overrides: Sequence[str], sections: Sequence[str], command: str) -> None:
+    """A stage command's ``--set`` may only name keys of the sections that stage reads."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] not in sections:
+            wanted = " or ".join(f"{s}.KEY=VALUE" for s in sections)
+            raise RecipeError(f"--set {key}: `edgekd {command}` reads only the recipe's "
+                              f"{' and '.join(repr(s) for s in sections)} section",
+                              f"use --set {wanted}, or `edgekd run --set ...` for the other sections")
+
+
+def merge_section(recipe_path: Path, section: str, overrides: Sequence[str] = (),
+                  options: Mapping[str, Any] | None = None, *, command: str = "", default: bool = True) -> Any:
+    """One recipe section for a stage command: the run's recipe, then ``--set`` overrides, then options.
+
+    This is the one place a stage command merges what the run's ``recipe.yaml`` says with what the user gave on
+    the command line. Overrides go through the schema (unknown keys get a "did you mean" hint); options whose
+    value is None were not given and leave the recipe's value; the stage checks the given options itself, so its
+    messages name the command-line flag.
+
+    Args:
+        recipe_path: The run's ``recipe.yaml`` (it may be missing: then the section's defaults apply).
+        section: ``bench``, ``validate``, ``export``, ``prune``...
+        overrides: ``--set`` items; each must name a key of ``section``.
+        options: Command-line values by section key (None: not given).
+        command: The command's name, for error messages.
+        default: Without the section in the recipe, start from its defaults (False: return None, unless
+            overrides or options are given).
+
+    Returns:
+        The section's config model (``BenchConfig``...), or None.
+
+    Raises:
+        RecipeError: An override names another section or an unknown key, or has a bad value.
+    """
+    _check_override_keys(overrides, [section], command or section)
+    recipe_path = Path(recipe_path)
+    if recipe_path.is_file():
+        cfg = getattr(load_recipe(recipe_path, list(overrides)), _section_attr(section))
+    elif overrides:
+        raise RunDirError(f"{recipe_path} not found, so --set has nothing to override")
+    else:
+        cfg = None
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    if cfg is None and (default or given):
+        cfg = _model_of(Recipe.model_fields[_section_attr(section)].annotation)()
+    return cfg.model_copy(update=given) if cfg is not None and given else cfg
+
+
+def section_overrides(overrides: Sequence[str], section: str, command: str = "") -> dict[str, Any]:
+    """The typed values ``--set section.key=value`` items give, by key (for stages that take them as options).
+
+    Raises:
+        RecipeError: An override names another section or an unknown key, or has a bad value.
+    """
+    _check_override_keys(overrides, [section], command or section)
+    raw: dict[str, Any] = {}
+    for item in overrides:
+        apply_override(raw, item)
+    base = _model_of(Recipe.model_fields[_section_attr(section)].annotation)().model_dump()
+    checked = validate_recipe({section: {**base, **(raw.get(section) or {})}}, source="--set")
+    cfg = getattr(checked, _section_attr(section))
+    return {k: getattr(cfg, k) for k in (raw.get(section) or {})}
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -15,10 +15,14 @@ import csv
 import html
 import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgekd.errors import DataError, RunDirError
+from edgekd.recipe import ValidateConfig, merge_section
+from edgekd.results import (BenchReport, BudgetCheck, Recommendation, ReportResult, ReportSummary, ValidationResult,
+                            check_budgets, recommend)
 from edgekd.run_dir import RunDir, atomic_path, write_text_atomic
 
 STAGE = "report"
@@ -47,7 +51,7 @@ def load_device_results(path: str | Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"device result file {path} is not valid JSON ({str(e).splitlines()[0][:120]})",
-                        "pass a JSON written by device_tests/bench.py --json") from None
+                        "pass a JSON written by device_tests/bench.py --json") from e
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise DataError(f"device result file {path} has no 'results' list",
                         "pass a JSON written by device_tests/bench.py --json")
@@ -401,158 +405,198 @@ code{background:#f4f4f4;padding:0 3px}img{max-width:100%;border:1px solid #eee;m
 .fail{color:#b00020}.ok{color:#08660d}.scroll{overflow-x:auto}"""
 
 
-# -- the stage --------------------------------------------------------------------------------------------
+# -- analysis of one run ----------------------------------------------------------------------------------
 
-def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: Any | None = None,
-                 budget_check: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``report.md``, ``report.html`` and ``report_plots/*.png`` for a run.
+@dataclass
+class Analysis:
+    """Everything the report says, computed once; the Markdown and HTML renderers only format it."""
 
-    Args:
-        rd: The run directory (validate and bench results are used when present).
-        device_files: Device result JSON files to merge as extra rows.
-        budgets: The recipe's ``validate`` section (None: read it from the run's recipe).
-        budget_check: A :func:`edgekd.validate.check_budgets` result to show (None: computed here).
+    name: str
+    metrics: dict[str, Any]
+    validation: dict[str, Any]  # validate.json content (ValidationResult.to_json())
+    bench: dict[str, Any]  # report.json content (BenchReport.to_json())
+    device_rows: list[dict[str, Any]]
+    recommendation: Recommendation
+    check: BudgetCheck
+    speed: dict[str, Any] | None
+    quant: list[dict[str, Any]]
+    points: list[dict[str, Any]] = field(default_factory=list)  # accuracy vs latency, one per file and runtime
+    front: list[int] = field(default_factory=list)  # indices of ``points`` on the Pareto front
 
-    Returns:
-        ``{"markdown": path, "html": path, "recommended": ..., "speedup": ..., "quantization": [...],
-        "budgets": ...}``.
 
-    Raises:
-        DataError: A device file is not valid.
-        RunDirError: The run has no metrics (distill has not finished).
-    """
-    from edgekd.bench import read_report
-    from edgekd.validate import check_budgets, load_budgets, read_validation, recommend
-
-    device_rows = [row for f in device_files for row in load_device_results(f)]  # bad input fails first
-    metrics = rd.metrics()
-    if not metrics:
-        raise RunDirError(f"{rd.path} has no metrics.json", "run `edgekd distill` first")
-    validation, bench = read_validation(rd), read_report(rd)
-    if budgets is None:
-        budgets = load_budgets(rd)
-    rec = recommend(validation, bench, budgets)
-    check = budget_check if budget_check is not None else check_budgets(validation, bench, budgets)
-    teacher_acc = validation.get("teacher_accuracy") or metrics.get("teacher", {}).get("test_accuracy")
-    bench_rows = bench.get("rows", [])
-    speed = speedup_summary(bench_rows, rec["recommended"], teacher_acc)
-    if speed is None and rec["recommended"] is None:
-        # Nothing qualifies: still say how fast the fastest student variant is, marked as not recommended.
-        timed = [c for c in rec["candidates"] if c.get("p50_ms") is not None]
+def _speed_of(bench_rows: list[dict[str, Any]], rec: Recommendation, teacher_acc: float | None
+              ) -> dict[str, Any] | None:
+    """The speedup of the recommended file; without one, of the fastest student variant, marked as such."""
+    speed = speedup_summary(bench_rows, rec.recommended.to_json() if rec.recommended else None, teacher_acc)
+    if speed is None and rec.recommended is None:
+        timed = [c for c in rec.candidates if c.p50_ms is not None]
         if timed:
-            speed = speedup_summary(bench_rows, min(timed, key=lambda c: c["p50_ms"]), teacher_acc)
+            speed = speedup_summary(bench_rows, min(timed, key=lambda c: c.p50_ms).to_json(), teacher_acc)
             if speed is not None:
                 speed["qualifies"] = False
-    quant = quantization_findings(bench_rows)
+    return speed
 
-    # Accuracy vs latency points: one per file and runtime, at its best thread count.
-    acc = {(r["file"], r["runtime"]): r["test_accuracy"] for r in validation.get("rows", [])}
+
+def _accuracy_points(validation: dict[str, Any], bench_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Accuracy vs latency points: one per file and runtime, at its best thread count."""
+    acc = {(r["file"], r["runtime"]): r["test_accuracy"] for r in validation["rows"]}
     points = []
     for r in best_per_file(bench_rows):
         a = acc.get((r["file"], r["runtime"]), r.get("test_accuracy"))
         if a is not None:
             points.append({**r, "test_accuracy": a})
-    front = pareto_front([(p["p50_ms"], p["test_accuracy"]) for p in points])
-    sizes: dict[str, tuple[str, int, str]] = {}
-    for r in validation.get("rows", []) + bench_rows:
-        sizes.setdefault(r["file"], (r["file"], int(r["size_bytes"]), r["source_model"]))
+    return points
 
-    plots = {"training": ("Training curves: KD student vs scratch baseline vs teacher", plot_training(read_history(rd))),
-             "accuracy_latency": ("Accuracy vs latency, Pareto front marked", plot_accuracy_latency(points, front,
-                                                                                                   device_rows)),
-             "sizes": ("Model file sizes", plot_sizes(sorted(sizes.values(), key=lambda s: -s[1])))}
 
-    # -- summary lines (Markdown; the HTML renders the same text) --
-    lines = []
-    r = rec["recommended"]
-    if r is not None:
-        lat = (f"p50 {r['p50_ms']:.4f} ms at {r['threads']} thread{'s' if r['threads'] != 1 else ''}, batch "
-               f"{r.get('batch')}" if r.get("p50_ms") is not None else "latency not measured")
-        lines.append(f"**Recommended file: `{r['file']}`** ({_RUNTIME_NAMES.get(r['runtime'], r['runtime'])}, "
-                     f"{lat}; accuracy {r['test_accuracy']:.4f}; {r['size_bytes'] / 1024:.1f} KB). "
-                     f"Rule: {rec['rule']}.")
-    elif rec["candidates"]:
-        lines.append(f"**No student variant qualifies for a recommendation** (rule: {rec['rule']}).")
-    if speed is not None:
-        ok_speed, ok_acc = speed["speedup"] >= 10, (speed["accuracy_ratio"] or 0) >= 0.97
-        acc_txt = (f"accuracy {speed['accuracy']:.4f} vs the teacher's {speed['teacher_accuracy']:.4f} "
-                   f"({100 * speed['accuracy_ratio']:.1f}% of it)" if speed["accuracy_ratio"] else "")
-        who = "" if speed.get("qualifies", True) else " (fastest student variant, not recommended: it misses the rule above)"
-        lines.append(f"**Speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x**{who} at batch {speed['batch']} — "
-                     f"`{speed['file']}` ({_RUNTIME_NAMES.get(speed['runtime'], speed['runtime'])}) p50 "
-                     f"{speed['p50_ms']:.4f} ms vs teacher.pt (PyTorch) {speed['teacher_p50_ms']:.4f} ms at "
-                     f"{speed['teacher_threads']} thread(s); {acc_txt}. Target ≥ 10x with ≥ 97% of the teacher's "
-                     f"accuracy: **{'met' if ok_speed and ok_acc else 'not met'}**."
-                     + (f" Against the PyTorch fp32 student: {speed['speedup_vs_torch_student']:.1f}x."
-                        if speed.get("speedup_vs_torch_student") else "")
-                     + (f" Against the teacher's own fastest export (`{speed['teacher_exported_file']}`, "
-                        f"{_RUNTIME_NAMES.get(speed['teacher_exported_runtime'], speed['teacher_exported_runtime'])}, "
-                        f"{speed['teacher_exported_p50_ms']:.4f} ms): {speed['speedup_vs_teacher_exported']:.1f}x."
-                        if speed.get("speedup_vs_teacher_exported") else ""))
-    elif bench_rows:
-        lines.append("Speedup over the teacher: not measured (the bench has no PyTorch teacher row or no "
-                     "recommended file).")
-    else:
-        lines.append("No latency measured yet: run `edgekd bench` for latency, throughput and memory.")
+def analyse(rd: RunDir, device_rows: list[dict[str, Any]], budgets: ValidateConfig | None,
+            budget_check: BudgetCheck | None = None) -> Analysis:
+    """Read what the run measured (typed results) and work out recommendation, speedup, findings, Pareto front."""
+    metrics = rd.metrics()
+    if not metrics:
+        raise RunDirError(f"{rd.path} has no metrics.json", "run `edgekd distill` first")
+    validation, bench = ValidationResult.read(rd), BenchReport.read(rd)
+    rec = recommend(validation, bench, budgets)
+    check = budget_check if budget_check is not None else check_budgets(validation, bench, budgets)
+    v, b = validation.to_json(), bench.to_json()
+    teacher_acc = validation.teacher_accuracy or metrics.get("teacher", {}).get("test_accuracy")
+    points = _accuracy_points(v, b["rows"])
+    return Analysis(name=rd.name, metrics=metrics, validation=v, bench=b, device_rows=device_rows,
+                    recommendation=rec, check=check, speed=_speed_of(b["rows"], rec, teacher_acc),
+                    quant=quantization_findings(b["rows"]), points=points,
+                    front=pareto_front([(p["p50_ms"], p["test_accuracy"]) for p in points]))
+
+
+# -- the summary sentences (Markdown; the HTML renders the same text) -------------------------------------
+
+def _recommendation_lines(rec: Recommendation) -> list[str]:
+    r = rec.recommended
+    if r is None:
+        return [f"**No student variant qualifies for a recommendation** (rule: {rec.rule})."] if rec.candidates else []
+    lat = (f"p50 {r.p50_ms:.4f} ms at {r.threads} thread{'s' if r.threads != 1 else ''}, batch {r.batch}"
+           if r.p50_ms is not None else "latency not measured")
+    return [f"**Recommended file: `{r.file}`** ({_RUNTIME_NAMES.get(r.runtime, r.runtime)}, {lat}; accuracy "
+            f"{r.test_accuracy:.4f}; {r.size_bytes / 1024:.1f} KB). Rule: {rec.rule}."]
+
+
+def _speedup_lines(speed: dict[str, Any] | None, has_bench: bool) -> list[str]:
+    if speed is None:
+        if has_bench:
+            return ["Speedup over the teacher: not measured (the bench has no PyTorch teacher row or no "
+                    "recommended file)."]
+        return ["No latency measured yet: run `edgekd bench` for latency, throughput and memory."]
+    ok_speed, ok_acc = speed["speedup"] >= 10, (speed["accuracy_ratio"] or 0) >= 0.97
+    acc_txt = (f"accuracy {speed['accuracy']:.4f} vs the teacher's {speed['teacher_accuracy']:.4f} "
+               f"({100 * speed['accuracy_ratio']:.1f}% of it)" if speed["accuracy_ratio"] else "")
+    who = "" if speed.get("qualifies", True) else " (fastest student variant, not recommended: it misses the rule above)"
+    line = (f"**Speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x**{who} at batch {speed['batch']} — "
+            f"`{speed['file']}` ({_RUNTIME_NAMES.get(speed['runtime'], speed['runtime'])}) p50 "
+            f"{speed['p50_ms']:.4f} ms vs teacher.pt (PyTorch) {speed['teacher_p50_ms']:.4f} ms at "
+            f"{speed['teacher_threads']} thread(s); {acc_txt}. Target ≥ 10x with ≥ 97% of the teacher's "
+            f"accuracy: **{'met' if ok_speed and ok_acc else 'not met'}**.")
+    if speed.get("speedup_vs_torch_student"):
+        line += f" Against the PyTorch fp32 student: {speed['speedup_vs_torch_student']:.1f}x."
+    if speed.get("speedup_vs_teacher_exported"):
+        rt = speed["teacher_exported_runtime"]
+        line += (f" Against the teacher's own fastest export (`{speed['teacher_exported_file']}`, "
+                 f"{_RUNTIME_NAMES.get(rt, rt)}, {speed['teacher_exported_p50_ms']:.4f} ms): "
+                 f"{speed['speedup_vs_teacher_exported']:.1f}x.")
+    return [line]
+
+
+def _quantization_lines(quant: list[dict[str, Any]]) -> list[str]:
     slower = [f for f in quant if not f["faster"]]
+    lines = []
     if slower:
         lines.append(f"**Quantization is not always faster here**: {len(slower)} of {len(quant)} reduced-precision "
                      "measurements were not faster than fp32 in the same runtime and thread count.")
-    lines += [_quant_sentence(f) for f in quant]
-    m = metrics
-    if all(k in m for k in ("teacher", "baseline", "student")):
-        gain = m["student"]["test_accuracy"] - m["baseline"]["test_accuracy"]
-        lines.append(f"Distillation: KD student {m['student']['test_accuracy']:.4f} vs the same architecture trained "
-                     f"from scratch {m['baseline']['test_accuracy']:.4f} ({100 * gain:+.2f} points); teacher "
-                     f"{m['teacher']['test_accuracy']:.4f} (PyTorch, test split).")
-    spec = check.get("budgets", {})
-    if any(v is not None for v in spec.values()):
-        named = ", ".join(f"{k} = {v:g}" for k, v in spec.items() if v is not None)
-        if check["ok"]:
-            lines.append(f"Budgets ({named}; scope {check.get('scope', 'any')}): **passed**.")
-        else:
-            lines.append(f"Budgets ({named}; scope {check.get('scope', 'any')}): **FAILED** — "
-                         + "; ".join(check["failures"]))
-    else:
-        lines.append("Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb` to the recipe's "
-                     "`validate` section to gate on them).")
-    for s in bench.get("skipped", []) + validation.get("skipped", []):
-        lines.append(f"Not measured: `{s['file']}` ({s['runtime']}{', ' + str(s['threads']) + ' threads' if 'threads' in s else ''}): "
-                     f"{s['reason']}")
+    return lines + [_quant_sentence(f) for f in quant]
 
-    machine = bench.get("machine") or {}
-    settings = bench.get("settings") or {}
-    setup = (f"Machine: {machine.get('cpu_model', '?')} ({machine.get('cores', '?')} cores, {machine.get('machine', '?')}); "
-             f"runtimes: " + ", ".join(f"{k} {v}" for k, v in (machine.get("runtimes") or {}).items() if v)
-             + (f". Bench: {settings.get('runs') or str(settings.get('seconds')) + ' s'} timed runs after "
-                f"{settings.get('warmup')} warm-up, batch {settings.get('batch')}, threads {settings.get('threads')}; "
-                f"peak RSS by {settings.get('rss_method')}." if settings else "") + _load_note(bench_rows, machine)) \
-        if machine else ""
-    tables = _tables(validation, bench, device_rows)
 
-    # -- write plots, Markdown, HTML --
-    plot_files = {}
-    for key, (_, png) in plots.items():
-        if png is None:
-            continue
-        with atomic_path(rd / PLOTS_DIR / f"{key}.png") as tmp:
-            tmp.write_bytes(png)
-        plot_files[key] = f"{PLOTS_DIR}/{key}.png"
+def _distill_lines(m: dict[str, Any]) -> list[str]:
+    if not all(k in m for k in ("teacher", "baseline", "student")):
+        return []
+    gain = m["student"]["test_accuracy"] - m["baseline"]["test_accuracy"]
+    return [f"Distillation: KD student {m['student']['test_accuracy']:.4f} vs the same architecture trained "
+            f"from scratch {m['baseline']['test_accuracy']:.4f} ({100 * gain:+.2f} points); teacher "
+            f"{m['teacher']['test_accuracy']:.4f} (PyTorch, test split)."]
 
-    md = [f"# edgekd report: {rd.name}", ""]
-    if setup:
-        md += [setup, ""]
+
+def _budget_lines(check: BudgetCheck) -> list[str]:
+    if not check.any_set:
+        return ["Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb` to the recipe's "
+                "`validate` section to gate on them)."]
+    named = ", ".join(f"{k} = {v:g}" for k, v in check.budgets.items() if v is not None)
+    if check.ok:
+        return [f"Budgets ({named}; scope {check.scope}): **passed**."]
+    return [f"Budgets ({named}; scope {check.scope}): **FAILED** — " + "; ".join(check.failures)]
+
+
+def _skipped_lines(a: Analysis) -> list[str]:
+    lines = []
+    for s in a.bench["skipped"] + a.validation["skipped"]:
+        threads = f", {s['threads']} threads" if "threads" in s else ""
+        lines.append(f"Not measured: `{s['file']}` ({s['runtime']}{threads}): {s['reason']}")
+    return lines
+
+
+def summary_lines(a: Analysis) -> list[str]:
+    """The report's summary, one Markdown sentence per finding."""
+    return (_recommendation_lines(a.recommendation) + _speedup_lines(a.speed, bool(a.bench["rows"]))
+            + _quantization_lines(a.quant) + _distill_lines(a.metrics) + _budget_lines(a.check)
+            + _skipped_lines(a))
+
+
+def setup_line(bench: dict[str, Any]) -> str:
+    """The machine, runtimes and bench settings the latencies were measured with ("" before bench)."""
+    machine, settings = bench.get("machine") or {}, bench.get("settings") or {}
+    if not machine:
+        return ""
+    text = (f"Machine: {machine.get('cpu_model', '?')} ({machine.get('cores', '?')} cores, "
+            f"{machine.get('machine', '?')}); runtimes: "
+            + ", ".join(f"{k} {v}" for k, v in (machine.get("runtimes") or {}).items() if v))
+    if settings:
+        text += (f". Bench: {settings.get('runs') or str(settings.get('seconds')) + ' s'} timed runs after "
+                 f"{settings.get('warmup')} warm-up, batch {settings.get('batch')}, threads "
+                 f"{settings.get('threads')}; peak RSS by {settings.get('rss_method')}.")
+    return text + _load_note(bench.get("rows", []), machine)
+
+
+# -- rendering ----------------------------------------------------------------------------------------------
+
+Plots = dict[str, tuple[str, "bytes | None"]]
+
+
+def make_plots(rd: RunDir, a: Analysis) -> Plots:
+    """The three plots as PNG bytes (None where there is nothing to plot), by key, with their titles."""
+    sizes: dict[str, tuple[str, int, str]] = {}
+    for r in a.validation["rows"] + a.bench["rows"]:
+        sizes.setdefault(r["file"], (r["file"], int(r["size_bytes"]), r["source_model"]))
+    return {"training": ("Training curves: KD student vs scratch baseline vs teacher",
+                         plot_training(read_history(rd))),
+            "accuracy_latency": ("Accuracy vs latency, Pareto front marked",
+                                 plot_accuracy_latency(a.points, a.front, a.device_rows)),
+            "sizes": ("Model file sizes", plot_sizes(sorted(sizes.values(), key=lambda s: -s[1])))}
+
+
+def render_markdown(a: Analysis, lines: list[str], plots: Plots, plot_files: dict[str, str]) -> str:
+    """``report.md``: summary, tables, and links to the PNGs in ``report_plots/``."""
+    setup = setup_line(a.bench)
+    md = [f"# edgekd report: {a.name}", ""] + ([setup, ""] if setup else [])
     md += ["## Summary", ""] + [f"- {line}" for line in lines] + [""]
-    for title, headers, rows in tables:
+    for title, headers, rows in _tables(a.validation, a.bench, a.device_rows):
         md += [f"## {title}", "", _md_table(headers, rows), ""]
     md += ["## Plots", ""]
     for key, (title, png) in plots.items():
         if png is not None:
             md += [f"### {title}", "", f"![{title}]({plot_files[key]})", ""]
-    write_text_atomic(rd / "report.md", "\n".join(md))
+    return "\n".join(md)
 
-    h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>edgekd report: {html.escape(rd.name)}</title>",
-         f"<style>{_CSS}</style></head><body>", f"<h1>edgekd report: {html.escape(rd.name)}</h1>"]
+
+def render_html(a: Analysis, lines: list[str], plots: Plots) -> str:
+    """``report.html``: the same content, self-contained (plots embedded as base64 PNGs)."""
+    setup = setup_line(a.bench)
+    h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>edgekd report: {html.escape(a.name)}</title>",
+         f"<style>{_CSS}</style></head><body>", f"<h1>edgekd report: {html.escape(a.name)}</h1>"]
     if setup:
         h.append(f"<p>{html.escape(setup)}</p>")
     h.append("<h2>Summary</h2><ul>")
@@ -560,7 +604,7 @@ def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: Any |
         cls = " class='fail'" if "FAILED" in line else ""
         h.append(f"<li{cls}>{_md_to_html_inline(line)}</li>")
     h.append("</ul>")
-    for title, headers, rows in tables:
+    for title, headers, rows in _tables(a.validation, a.bench, a.device_rows):
         # Wide tables scroll inside their own box instead of widening the page.
         h.append(f"<h2>{html.escape(title)}</h2><div class='scroll'><table><tr>"
                  + "".join(f"<th>{html.escape(c)}</th>" for c in headers) + "</tr>")
@@ -573,12 +617,53 @@ def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: Any |
             h.append(f"<h3>{html.escape(title)}</h3><img id='plot-{key}' alt='{html.escape(title)}' "
                      f"src='data:image/png;base64,{data}'>")
     h.append("</body></html>")
-    write_text_atomic(rd / "report.html", "\n".join(h))
+    return "\n".join(h)
 
-    summary = {"recommended": rec["recommended"], "rule": rec["rule"], "speedup": speed, "quantization": quant,
-               "budgets": check, "devices": sorted({d["device"] for d in device_rows})}
-    rd.update_metrics("report", summary)
+
+# -- the stage --------------------------------------------------------------------------------------------
+
+def _write_plots(rd: RunDir, plots: Plots) -> dict[str, str]:
+    plot_files = {}
+    for key, (_, png) in plots.items():
+        if png is None:
+            continue
+        with atomic_path(rd / PLOTS_DIR / f"{key}.png") as tmp:
+            tmp.write_bytes(png)
+        plot_files[key] = f"{PLOTS_DIR}/{key}.png"
+    return plot_files
+
+
+def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: ValidateConfig | None = None,
+                 budget_check: BudgetCheck | None = None) -> ReportResult:
+    """Write ``report.md``, ``report.html`` and ``report_plots/*.png`` for a run.
+
+    Args:
+        rd: The run directory (validate and bench results are used when present).
+        device_files: Device result JSON files to merge as extra rows.
+        budgets: The recipe's ``validate`` section (None: read it from the run's recipe).
+        budget_check: The verdict to show (None: :func:`edgekd.results.check_budgets` computed here).
+
+    Returns:
+        The paths written and the summary recorded in ``metrics.json["report"]``.
+
+    Raises:
+        DataError: A device file is not valid.
+        RunDirError: The run has no metrics (distill has not finished).
+    """
+    device_rows = [row for f in device_files for row in load_device_results(f)]  # bad input fails first
+    if budgets is None:
+        budgets = merge_section(rd / "recipe.yaml", "validate", default=False)
+    a = analyse(rd, device_rows, budgets, budget_check)
+    lines = summary_lines(a)
+    plots = make_plots(rd, a)
+    plot_files = _write_plots(rd, plots)
+    write_text_atomic(rd / "report.md", render_markdown(a, lines, plots, plot_files))
+    write_text_atomic(rd / "report.html", render_html(a, lines, plots))
+    summary = ReportSummary(recommended=a.recommendation.recommended, rule=a.recommendation.rule, speedup=a.speed,
+                            quantization=a.quant, budgets=a.check,
+                            devices=sorted({d["device"] for d in device_rows}))
+    rd.update_metrics("report", summary.to_json())
     rd.record_artifacts("report.md", "report.html", *plot_files.values())
     rd.stage_done(STAGE, artifacts=["report.md", "report.html", *plot_files.values()],
                   devices=[str(f) for f in device_files])
-    return {"markdown": rd / "report.md", "html": rd / "report.html", **summary}
+    return ReportResult(markdown=rd / "report.md", html=rd / "report.html", summary=summary)

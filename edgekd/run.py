@@ -15,14 +15,18 @@ never overwritten).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgekd.errors import EdgeKDError, RecipeError, RunDirError
-from edgekd.recipe import Recipe, load_recipe, save_recipe
+from edgekd.recipe import Recipe, ValidateConfig, load_recipe, save_recipe
+from edgekd.results import BudgetCheck, ReportResult, ValidationResult, check_budgets
 from edgekd.run_dir import MANIFEST, RunDir
+
+log = logging.getLogger(__name__)
 
 STAGES = ("distill", "prune", "export", "validate", "bench", "report")
 # Recipe keys the distill stage does not read: they may change without retraining.
@@ -67,16 +71,53 @@ def find_run(recipe: Recipe, out: str | Path) -> RunDir | None:
     return RunDir(max(found, key=lambda p: (p / MANIFEST).stat().st_mtime))
 
 
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a stage function with the keyword arguments it accepts (stages are owned by other modules)."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
+@dataclass
+class PipelineResult:
+    """What ``edgekd run`` did: the run directory, stages run and skipped (with why), the report and verdict."""
+
+    run_dir: Path
+    ran: list[str]
+    skipped: dict[str, str]
+    report: ReportResult
+    budgets: BudgetCheck | None
+    warnings: list[str] = field(default_factory=list)
 
 
-def _run_export(rd: RunDir, recipe: Recipe, quiet: bool, echo: Callable[[str], None]) -> list[str]:
-    """Export (and quantize) with the recipe's ``export`` section; return warnings about files that failed.
+@dataclass
+class _Progress:
+    """Which stages ran or were skipped, and whether anything upstream ran (then every later stage runs)."""
+
+    rd: RunDir
+    recipe: Recipe
+    force: bool
+    upstream_ran: bool = False
+    ran: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def should_run(self, stage: str, section: Any) -> bool:
+        """Run a stage the recipe asks for unless the run already did it with the same recipe section."""
+        if section is None:
+            self.skipped[stage] = "not in the recipe"
+            return False
+        entry = self.rd.manifest()["stages"].get(stage, {})
+        if self.upstream_ran or self.force or entry.get("status") != "done":
+            return True
+        if entry.get("recipe_sha") not in (None, _section_sha(self.recipe, stage)):
+            log.info(f"[{stage}] the recipe's `{stage}` section changed since it ran: running it again")
+            return True
+        self.skipped[stage] = "already done"
+        return False
+
+    def done(self, stage: str) -> None:
+        self.ran.append(stage)
+        self.upstream_ran = True
+        if self.rd.stage_status(stage) == "done":
+            self.rd.stage_done(stage, recipe_sha=_section_sha(self.recipe, stage))
+
+
+def _run_export(p: _Progress, quiet: bool) -> None:
+    """Export (and quantize) with the recipe's ``export`` section; keep warnings about files that failed.
 
     A file that failed to convert or missed its export tolerance does not stop the pipeline when others were
     written: validate measures every file that exists, the recommendation only takes accurate ones, and the
@@ -84,20 +125,97 @@ def _run_export(rd: RunDir, recipe: Recipe, quiet: bool, echo: Callable[[str], N
     """
     from edgekd.export import run_export
 
-    report = _call(run_export, rd, cfg=recipe.export, quiet=quiet, log=None if quiet else echo)
-    warnings = [f"export: {msg}" for msg in [*getattr(report, "failures", []), *getattr(report, "problems", [])]]
-    if not getattr(report, "files", None):
+    report = run_export(p.rd, cfg=p.recipe.export, quiet=quiet, log=None if quiet else log.info)
+    # TODO(merge): run_export returns edgekd.results.ExportReport; then use its `warnings` property.
+    warnings = [f"export: {msg}" for msg in [*report.failures, *report.problems]]
+    if not report.files:
         report.raise_for_problems()
-        raise RunDirError(f"export wrote no file into {rd.path}", "check the recipe's `export` section")
+        raise RunDirError(f"export wrote no file into {p.rd.path}", "check the recipe's `export` section")
     for w in warnings:
-        echo(f"warning: {w}")
-    return warnings
+        log.warning(f"warning: {w}")
+    p.warnings += warnings
+
+
+def _check_early(recipe: Recipe, devices: list[str | Path]) -> None:
+    """Bad input fails before hours of training, not after."""
+    from edgekd.bench import parse_threads
+    from edgekd.report import load_device_results
+
+    for f in devices:
+        load_device_results(f)
+    if recipe.bench is not None:
+        try:
+            parse_threads(recipe.bench.threads)
+        except EdgeKDError as e:
+            raise RecipeError(f"recipe bench.threads: {e.message}", "e.g. bench.threads: [1, 2]") from e
+
+
+def _distill(recipe: Recipe, out: str | Path, force: bool, quiet: bool, allow_pickle: bool) -> _Progress:
+    """Find the run of this recipe (distill done: skipped) or distill a new or interrupted one."""
+    from edgekd.distill import run_distill
+
+    rd = None if force else find_run(recipe, out)
+    if rd is not None and rd.stage_status("distill") == "done":
+        p = _Progress(rd, recipe, force)
+        p.skipped["distill"] = f"already done in {rd.path}"
+    else:
+        resume = rd is not None and rd.name == recipe.name  # an interrupted run of this recipe: continue it
+        log.info(f"[distill] {'resuming' if resume else 'training'} teacher, baseline and student")
+        rd = run_distill(recipe, out=out, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
+        p = _Progress(rd, recipe, force, upstream_ran=True, ran=["distill"])
+    saved = _saved_recipe(rd)
+    if saved is None or saved.to_dict() | {"name": None} != recipe.to_dict() | {"name": None}:
+        # Later stages read their sections from the run's recipe.yaml: keep it the recipe being run.
+        save_recipe(recipe.model_copy(update={"name": saved.name if saved else recipe.name}), rd / "recipe.yaml")
+        rd.record_artifacts("recipe.yaml")
+    return p
+
+
+def _later_stages(p: _Progress, quiet: bool) -> None:
+    """prune → export → validate → bench, each when the recipe asks for it and the run does not hold it yet."""
+    from edgekd.bench import run_bench
+    from edgekd.prune import run_prune
+    from edgekd.validate import run_validate
+
+    recipe = p.recipe
+    if p.should_run("prune", recipe.prune):
+        # An interrupted prune of the same student with the same options continues from its last finished step.
+        resume_prune = "auto" if not (p.upstream_ran or p.force) else False
+        log.info("[prune] pruning the student and fine-tuning it by KD")
+        run_prune(p.rd, quiet=quiet, resume=resume_prune)
+        p.done("prune")
+    if p.should_run("export", recipe.export):
+        log.info("[export] exporting to " + ", ".join(recipe.export.formats) + " with "
+                 + (", ".join(recipe.export.quantize) or "no quantization"))
+        _run_export(p, quiet)
+        p.done("export")
+    if p.should_run("validate", recipe.validate_):
+        log.info("[validate] accuracy and agreement of every model in every runtime")
+        run_validate(p.rd)
+        p.done("validate")
+    if p.should_run("bench", recipe.bench):
+        b = recipe.bench
+        log.info(f"[bench] latency at threads {b.threads}, {b.runs} runs after {b.warmup} warm-up, batch {b.batch}")
+        run_bench(p.rd, threads=b.threads, runs=b.runs, warmup=b.warmup, batch=b.batch)
+        p.done("bench")
+
+
+def budget_verdict(rd: RunDir, budgets: ValidateConfig | None) -> BudgetCheck | None:
+    """The run's budget verdict (None without a ``validate`` section): the one rule validate and report use."""
+    from edgekd.bench import latency_for_budgets
+
+    if budgets is None:
+        return None
+    validation = ValidationResult.read(rd)
+    return check_budgets(validation, latency_for_budgets(rd, validation, budgets), budgets)
 
 
 def run_pipeline(recipe: Recipe, out: str | Path = "exported", force: bool = False,
                  devices: list[str | Path] = (), quiet: bool = False, allow_pickle: bool = False,
-                 echo: Callable[[str], None] = print, raise_on_budget: bool = True) -> dict[str, Any]:
+                 raise_on_budget: bool = True) -> PipelineResult:
     """Run every stage the recipe asks for, skipping what the run directory already holds.
+
+    Logs one line per stage (``edgekd.run`` logger, level INFO).
 
     Args:
         recipe: The resolved recipe.
@@ -106,146 +224,50 @@ def run_pipeline(recipe: Recipe, out: str | Path = "exported", force: bool = Fal
         devices: Device result JSON files to merge into the report.
         quiet: No progress bars or per-model lines.
         allow_pickle: Passed to distill (trusted checkpoints only).
-        echo: Where progress lines go.
         raise_on_budget: Raise when a budget is broken (False: only report it in the result).
-
-    Returns:
-        ``{"run_dir", "ran": [...], "skipped": {stage: reason}, "report": {...}, "budgets": {...},
-        "warnings": [...]}``.
 
     Raises:
         CheckFailed: A budget of the recipe's ``validate`` section is broken (after the report is written).
         EdgeKDError: Bad input in any stage.
     """
-    from edgekd.bench import run_bench
-    from edgekd.report import build_report, load_device_results
-    from edgekd.validate import check_budgets, quick_latency, raise_if_failed, read_validation, run_validate
+    from edgekd.report import build_report
 
-    for f in devices:  # bad input fails before hours of training, not after
-        load_device_results(f)
-    if recipe.bench is not None:
-        from edgekd.bench import parse_threads
-
-        try:
-            parse_threads(recipe.bench.threads)
-        except EdgeKDError as e:
-            raise RecipeError(f"recipe bench.threads: {e.message}", "e.g. bench.threads: [1, 2]") from None
-    progress = None if quiet else echo
-    ran: list[str] = []
-    skipped: dict[str, str] = {}
-    warnings: list[str] = []
-
-    rd = None if force else find_run(recipe, out)
-    upstream_ran = False
-    if rd is not None and rd.stage_status("distill") == "done":
-        skipped["distill"] = f"already done in {rd.path}"
-    else:
-        from edgekd.distill import run_distill
-
-        resume = rd is not None and rd.name == recipe.name  # an interrupted run of this recipe: continue it
-        echo(f"[distill] {'resuming' if resume else 'training'} teacher, baseline and student")
-        rd = run_distill(recipe, out=out, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
-        ran.append("distill")
-        upstream_ran = True
-    saved = _saved_recipe(rd)
-    if saved is None or saved.to_dict() | {"name": None} != recipe.to_dict() | {"name": None}:
-        # Later stages read their sections from the run's recipe.yaml: keep it the recipe being run.
-        save_recipe(recipe.model_copy(update={"name": saved.name if saved else recipe.name}), rd / "recipe.yaml")
-        rd.record_artifacts("recipe.yaml")
-
-    def should_run(stage: str, section: Any) -> bool:
-        nonlocal upstream_ran
-        if section is None:
-            skipped[stage] = "not in the recipe"
-            return False
-        entry = rd.manifest()["stages"].get(stage, {})
-        if upstream_ran or force:
-            return True
-        if entry.get("status") != "done":
-            return True
-        if entry.get("recipe_sha") not in (None, _section_sha(recipe, stage)):
-            echo(f"[{stage}] the recipe's `{stage}` section changed since it ran: running it again")
-            return True
-        skipped[stage] = "already done"
-        return False
-
-    def done(stage: str) -> None:
-        nonlocal upstream_ran
-        ran.append(stage)
-        upstream_ran = True
-        if rd.stage_status(stage) == "done":
-            rd.stage_done(stage, recipe_sha=_section_sha(recipe, stage))
-
-    if should_run("prune", recipe.prune):
-        from edgekd.prune import run_prune
-
-        # An interrupted prune of the same student with the same options continues from its last finished step.
-        resume_prune = "auto" if not (upstream_ran or force) else False
-        echo("[prune] pruning the student and fine-tuning it by KD")
-        _call(run_prune, rd, quiet=quiet, resume=resume_prune)
-        done("prune")
-    if should_run("export", recipe.export):
-        echo("[export] exporting to " + ", ".join(recipe.export.formats) + " with "
-             + (", ".join(recipe.export.quantize) or "no quantization"))
-        warnings += _run_export(rd, recipe, quiet, echo)
-        done("export")
-    # Validate always measures accuracy when the recipe has a validate section or budgets need it.
-    if should_run("validate", recipe.validate_):
-        echo("[validate] accuracy and agreement of every model in every runtime")
-        run_validate(rd, progress=progress)
-        done("validate")
-    if recipe.bench is not None and should_run("bench", recipe.bench):
-        b = recipe.bench
-        echo(f"[bench] latency at threads {b.threads}, {b.runs} runs after {b.warmup} warm-up, batch {b.batch}")
-        run_bench(rd, threads=b.threads, runs=b.runs, warmup=b.warmup, batch=b.batch, progress=progress)
-        done("bench")
-    elif recipe.bench is None:
-        skipped["bench"] = "not in the recipe"
-
-    budgets = recipe.validate_
-    check = None
-    if budgets is not None:
-        from edgekd.bench import read_report
-
-        validation = read_validation(rd)
-        bench = read_report(rd)
-        if budgets.max_p50_ms is not None and not bench.get("rows"):
-            bench = quick_latency(rd, validation)
-        check = check_budgets(validation, bench, budgets)
-    echo("[report] writing report.md and report.html")
-    report = build_report(rd, devices, budgets=budgets, budget_check=check)
-    ran.append("report")
-    result = {"run_dir": rd.path, "ran": ran, "skipped": skipped, "report": report, "budgets": check,
-              "warnings": warnings}
+    _check_early(recipe, devices)
+    p = _distill(recipe, out, force, quiet, allow_pickle)
+    _later_stages(p, quiet)
+    check = budget_verdict(p.rd, recipe.validate_)
+    log.info("[report] writing report.md and report.html")
+    report = build_report(p.rd, devices, budgets=recipe.validate_, budget_check=check)
+    p.ran.append("report")
+    result = PipelineResult(p.rd.path, p.ran, p.skipped, report, check, p.warnings)
     if check is not None and raise_on_budget:
-        raise_if_failed(check)
+        check.raise_if_failed()
     return result
 
 
-def run_summary(result: dict[str, Any]) -> str:
+def run_summary(result: PipelineResult) -> str:
     """The lines ``edgekd run`` ends with: what ran, the recommended file, the speedup, the report's path."""
-    rep = result["report"]
-    lines = [f"stages run: {', '.join(result['ran']) or 'none'}"]
-    if result["skipped"]:
-        lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
-    lines += [f"warning: {w}" for w in result.get("warnings", [])]
-    rec = rep.get("recommended")
+    rep = result.report.summary
+    lines = [f"stages run: {', '.join(result.ran) or 'none'}"]
+    if result.skipped:
+        lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()))
+    lines += [f"warning: {w}" for w in result.warnings]
+    rec = rep.recommended
     if rec:
-        lat = f", p50 {rec['p50_ms']:.4f} ms at {rec['threads']} thread(s)" if rec.get("p50_ms") is not None else ""
-        lines.append(f"recommended: {Path(result['run_dir']) / rec['file']} ({rec['runtime']}{lat}, "
-                     f"accuracy {rec['test_accuracy']:.4f}, {rec['size_bytes'] / 1024:.1f} KB)")
+        lat = f", p50 {rec.p50_ms:.4f} ms at {rec.threads} thread(s)" if rec.p50_ms is not None else ""
+        lines.append(f"recommended: {Path(result.run_dir) / rec.file} ({rec.runtime}{lat}, "
+                     f"accuracy {rec.test_accuracy:.4f}, {rec.size_kb:.1f} KB)")
     else:
-        lines.append(f"recommended: none (no student variant qualifies: {rep.get('rule', 'see the report')})")
-    sp = rep.get("speedup")
+        lines.append(f"recommended: none (no student variant qualifies: {rep.rule or 'see the report'})")
+    sp = rep.speedup
     if sp:
         who = "" if sp.get("qualifies", True) else f" (fastest student variant {sp['file']}, not recommended)"
         lines.append(f"speedup over the PyTorch fp32 teacher at batch {sp['batch']}: {sp['speedup']:.1f}x "
                      f"({100 * (sp['accuracy_ratio'] or 0):.1f}% of its accuracy){who}")
-    slower = [q for q in rep.get("quantization", []) if not q["faster"]]
-    for q in slower:
+    for q in (q for q in rep.quantization if not q["faster"]):
         lines.append(f"note: {q['file']} is not faster than {q['reference']} here "
                      f"({q['ratio']:.2f}x the fp32 p50, {q['runtime']}, {q['threads']} thread(s))")
-    lines.append(f"report: {rep['html']}  (and {rep['markdown']})")
+    lines.append(f"report: {result.report.html}  (and {result.report.markdown})")
     return "\n".join(lines)
 
 

@@ -90,10 +90,10 @@ def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RunDirError(f"{path} is not valid JSON (line {e.lineno}): it was damaged or edited by hand",
-                          "delete the run directory and run the stage again") from None
-    except UnicodeDecodeError:
+                          "delete the run directory and run the stage again") from e
+    except UnicodeDecodeError as e:
         raise RunDirError(f"{path} is not a text file: it was damaged or replaced",
-                          "delete the run directory and run the stage again") from None
+                          "delete the run directory and run the stage again") from e
     if expect is not None and not isinstance(data, expect):
         names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
                  bool: "true/false", type(None): "null"}
@@ -116,6 +116,34 @@ def read_rows_report(path: Path, command: str) -> dict[str, Any]:
     if not isinstance(data.get("rows", []), list):
         raise RunDirError(f"{path}: 'rows' is not a list: it was damaged or edited by hand", f"run `{command}` again")
     return data
+
+
+def read_eval(rd: "RunDir") -> tuple[Any, Any]:
+    """``(x raw float32, y int64)`` numpy arrays from the run's ``eval.npz`` (the raw test split)."""
+    import numpy as np
+
+    path = rd / "eval.npz"
+    if not path.is_file():
+        raise RunDirError(f"{path} not found", "run `edgekd distill` first")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            x, y = np.asarray(d["x"], np.float32), np.asarray(d["y"]).astype(np.int64).reshape(-1)
+    except Exception as e:  # BadZipFile, KeyError, ValueError all mean the same to a user
+        raise RunDirError(f"{path} cannot be read ({type(e).__name__})", "run `edgekd distill` again") from e
+    if len(x) == 0 or len(x) != len(y):
+        raise RunDirError(f"{path}: x has {len(x)} rows and y {len(y)}", "run `edgekd distill` again")
+    return x, y
+
+
+def read_metadata(rd: "RunDir") -> dict[str, Any] | None:
+    """``metadata.json`` of a run (None before export), checked for a ``models`` list."""
+    path = rd / "metadata.json"
+    if not path.exists():
+        return None
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("models"), list):
+        raise RunDirError(f"{path} has no 'models' list", "run `edgekd export` again")
+    return meta
 
 
 class RunDir:
@@ -250,6 +278,23 @@ class RunDir:
             raise RunDirError(f"{', '.join(str(self.path / n) for n in missing)} "
                               f"{'is' if len(missing) == 1 else 'are'} missing (recorded in {MANIFEST})",
                               f"re-run `{commands[0]}`, or pick another --run")
+
+    # -- what distill and export left for the later stages -------------------------------------------------
+    def data_info(self) -> dict[str, Any]:
+        """``data.json``: labels, input shape, layout and normalization of the run's data."""
+        path = self.path / "data.json"
+        if not path.is_file():
+            raise RunDirError(f"{path} not found: {self.path} is not a finished distill run", "run `edgekd distill` first")
+        return read_json(path, dict)
+
+    def model_size(self, file: str) -> int:
+        """Bytes of a model file plus its ONNX external-data file, if any (what a device must store)."""
+        p = self.path / file
+        size = p.stat().st_size
+        data = p.with_name(p.name + ".data")
+        if p.suffix == ".onnx" and data.exists():
+            size += data.stat().st_size
+        return size
 
     # -- metrics --------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:

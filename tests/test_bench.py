@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from test_validate import STUDENT_FILES, exported_tiny_run
 
-from edgekd.bench import latency_stats, parse_runtimes, parse_threads
+from edgekd.bench import latency_stats, parse_threads
+from edgekd.runtimes.targets import parse_runtimes
 from edgekd.cli import cli
 from edgekd.errors import EdgeKDError
 from edgekd.run_dir import RunDir
@@ -112,12 +113,37 @@ def test_bench_threads_seconds_batch_and_accuracy(run_copy: Path):
     assert sorted((r["file"], r["threads"]) for r in rows) == [
         ("student_fp32.tflite", 1), ("student_fp32.tflite", 2), ("student_int8.tflite", 1), ("student_int8.tflite", 2)]
     validation = {r["file"]: r for r in json.loads((run_copy / "validate.json").read_text())["rows"]}
+    # The typed results read and write exactly the files' JSON (other tools read those keys).
+    from edgekd.results import BenchReport, ValidationResult
+
+    for cls, name in ((BenchReport, "report.json"), (ValidationResult, "validate.json")):
+        data = json.loads((run_copy / name).read_text())
+        assert cls.read(RunDir(run_copy)).to_json() == data and list(cls.from_json(data).to_json()) == list(data)
     for r in rows:
         assert r["batch"] == 4 and r["runs"] >= 10
         # --seconds: the timed loop stops once the time is up (a loaded machine adds slack, not 10x).
         assert r["runs"] * r["mean_ms"] / 1e3 < 2.0
         assert r["throughput_ips"] == pytest.approx(4000 / r["mean_ms"], rel=1e-3)
         assert r["test_accuracy"] == validation[r["file"]]["test_accuracy"]
+
+
+def test_bench_set_overrides_the_run_recipe_and_options_win(run_copy: Path):
+    runner = CliRunner()
+    args = ["bench", "--run", str(run_copy), "--runtime", "onnxruntime", "--threads", "1", "-q"]
+    res = runner.invoke(cli, [*args, "--set", "bench.runs=7", "--set", "bench.warmup=1"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((run_copy / "report.json").read_text())
+    assert report["settings"]["runs"] == 7 and report["settings"]["warmup"] == 1
+    assert {r["runs"] for r in report["rows"]} == {7}
+    res = runner.invoke(cli, [*args, "--set", "bench.runs=7", "--runs", "9", "--warmup", "0"])
+    assert res.exit_code == 0, res.output
+    assert {r["runs"] for r in json.loads((run_copy / "report.json").read_text())["rows"]} == {9}
+    for extra, msg in ((["--set", "bench.rnus=3"], "did you mean 'bench.runs'?"),
+                       (["--set", "distill.lr=1"], "`edgekd bench` reads only the recipe's 'bench' section"),
+                       (["--set", "bench.runs=-1"], "bench.runs")):
+        res = runner.invoke(cli, [*args, *extra])
+        assert res.exit_code == 2 and res.output.startswith("error: ") and msg in res.output, res.output
+        assert res.output.count("\n") == 1
 
 
 def test_bench_bad_input_exits_2_without_writing(run_copy: Path, tmp_path: Path):

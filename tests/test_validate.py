@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgekd.cli import cli
-from edgekd.errors import CheckFailed
+from edgekd.errors import CheckFailed, RunDirError
 from edgekd.recipe import ValidateConfig
+from edgekd.results import BenchReport, ValidationResult
 from edgekd.run_dir import RunDir
 
 
@@ -54,10 +55,11 @@ def run_copy(exported: Path, tmp_path: Path) -> Path:
 
 def test_three_runtimes_give_the_same_predictions(exported: Path):
     from edgekd.runtimes import runtime_for
-    from edgekd.validate import discover_models, load_eval
+    from edgekd.run_dir import read_eval
+    from edgekd.runtimes.targets import discover_models
 
     rd = RunDir(exported)
-    x, y = load_eval(rd)
+    x, y = read_eval(rd)
     targets = {t.file: t for t in discover_models(rd)}
     logits = {f: runtime_for(rd / f, targets[f].entry, runtime=targets[f].runtime).predict(x)
               for f in ("student.pt", "student_fp32.onnx", "student_fp32.tflite")}
@@ -168,15 +170,27 @@ def test_runtime_transforms_follow_metadata():
 def test_integer_file_in_the_run_runs_from_raw_inputs(exported: Path):
     """The exported static int8 files take raw inputs through the same interface as the fp32 ones."""
     from edgekd.runtimes import runtime_for
-    from edgekd.validate import discover_models, load_eval
+    from edgekd.run_dir import read_eval
+    from edgekd.runtimes.targets import discover_models
 
     rd = RunDir(exported)
-    x, _ = load_eval(rd)
+    x, _ = read_eval(rd)
     targets = {t.file: t for t in discover_models(rd)}
     ref = runtime_for(rd / "student.pt", targets["student.pt"].entry).predict(x).argmax(1)
     for f in ("student_int8.tflite", "student_int8.onnx"):
         pred = runtime_for(rd / f, targets[f].entry).predict(x).argmax(1)
         assert (pred == ref).mean() > 0.9, f
+
+
+def test_progress_lines_are_logged_and_quiet_keeps_only_the_table(run_copy: Path):
+    runner = CliRunner()
+    loud = runner.invoke(cli, ["validate", "--run", str(run_copy), "--runtime", "torch"])
+    quiet = runner.invoke(cli, ["validate", "--run", str(run_copy), "--runtime", "torch", "-q"])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    per_model = [line for line in loud.output.splitlines() if "agree(teacher)" in line]
+    assert [line.split()[0] for line in per_model] == ["teacher.pt", "baseline.pt", "student.pt"]
+    assert "agree(teacher)" not in quiet.output and "agree_teacher" in quiet.output
+    assert loud.output.endswith(quiet.output)  # the same summary table after the progress lines
 
 
 def test_changed_file_fails_validate_with_its_name(run_copy: Path):
@@ -205,13 +219,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, run_copy: Path):
     (run_copy / "metadata.json").write_text("{not json")
     res = runner.invoke(cli, ["validate", "--run", str(run_copy)])
     assert res.exit_code == 2 and "metadata.json is not valid JSON" in res.output
+    # --debug raises instead, with the parser's error chained as the cause.
+    res = runner.invoke(cli, ["--debug", "validate", "--run", str(run_copy)])
+    assert isinstance(res.exception, RunDirError) and isinstance(res.exception.__cause__, json.JSONDecodeError)
     res = runner.invoke(cli, ["validate", "--run", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
 # -- budgets and recommendation logic on known numbers -------------------------------------------------
 
-def _validation(*rows: tuple[str, str, float, int]) -> dict:
+def _validation(*rows: tuple[str, str, float, int]) -> ValidationResult:
     """Rows of (file, precision, accuracy, size_bytes) for the student plus the teacher.pt at 0.95."""
     out = [{"file": "teacher.pt", "model": "teacher", "source_model": "teacher", "runtime": "torch", "format": "pt",
             "precision": "fp32", "test_accuracy": 0.95, "accuracy_drop_vs_teacher": 0.0, "size_bytes": 10**6},
@@ -223,10 +240,10 @@ def _validation(*rows: tuple[str, str, float, int]) -> dict:
                     "runtime": {"onnx": "onnxruntime", "tflite": "litert"}[fmt], "format": fmt,
                     "precision": precision, "test_accuracy": acc, "accuracy_drop_vs_teacher": 0.95 - acc,
                     "size_bytes": size})
-    return {"rows": out, "teacher_accuracy": 0.95}
+    return ValidationResult.from_json({"rows": out, "teacher_accuracy": 0.95})
 
 
-def _bench(**p50: float) -> dict:
+def _bench(**p50: float) -> BenchReport:
     rows = []
     for key, ms in p50.items():
         file, runtime = {"onnx_fp32": ("student_fp32.onnx", "onnxruntime"),
@@ -234,7 +251,7 @@ def _bench(**p50: float) -> dict:
                          "tflite_int8": ("student_int8.tflite", "litert")}[key]
         for threads, factor in ((1, 1.0), (2, 0.8)):
             rows.append({"file": file, "runtime": runtime, "threads": threads, "batch": 1, "p50_ms": ms * factor})
-    return {"rows": rows}
+    return BenchReport.from_json({"rows": rows})
 
 
 VAL = _validation(("student_fp32.onnx", "fp32", 0.93, 8000), ("student_fp32.tflite", "fp32", 0.93, 7000),
@@ -242,41 +259,41 @@ VAL = _validation(("student_fp32.onnx", "fp32", 0.93, 8000), ("student_fp32.tfli
 
 
 def test_recommendation_is_the_fastest_variant_within_the_accuracy_budget():
-    from edgekd.validate import recommend
+    from edgekd.results import recommend
 
     bench = _bench(onnx_fp32=0.5, tflite_fp32=0.3, tflite_int8=0.1)
     # The int8 file is fastest but lost 13 points: never recommended, with or without a budget.
     rec = recommend(VAL, bench, None)
-    assert rec["recommended"]["file"] == "student_fp32.tflite" and rec["recommended"]["threads"] == 2
-    assert rec["recommended"]["p50_ms"] == pytest.approx(0.24)
-    assert recommend(VAL, bench, ValidateConfig(max_accuracy_drop=0.03))["recommended"]["file"] == "student_fp32.tflite"
-    assert recommend(VAL, bench, ValidateConfig(max_accuracy_drop=0.2))["recommended"]["file"] == "student_int8.tflite"
-    assert recommend(VAL, bench, ValidateConfig(max_accuracy_drop=0.001))["recommended"] is None
+    assert rec.recommended.file == "student_fp32.tflite" and rec.recommended.threads == 2
+    assert rec.recommended.p50_ms == pytest.approx(0.24)
+    assert recommend(VAL, bench, ValidateConfig(max_accuracy_drop=0.03)).recommended.file == "student_fp32.tflite"
+    assert recommend(VAL, bench, ValidateConfig(max_accuracy_drop=0.2)).recommended.file == "student_int8.tflite"
+    assert recommend(VAL, bench, ValidateConfig(max_accuracy_drop=0.001)).recommended is None
     # A size budget also rules files out.
-    assert recommend(VAL, bench, ValidateConfig(max_size_kb=7.5))["recommended"]["file"] == "student_fp32.tflite"
+    assert recommend(VAL, bench, ValidateConfig(max_size_kb=7.5)).recommended.file == "student_fp32.tflite"
     # Without latency, the smallest qualifying file.
-    assert recommend(VAL, {}, None)["recommended"]["file"] == "student_fp32.tflite"
+    assert recommend(VAL, BenchReport(), None).recommended.file == "student_fp32.tflite"
 
 
 def test_check_budgets_lists_each_broken_budget():
-    from edgekd.validate import check_budgets, raise_if_failed
+    from edgekd.results import check_budgets
 
     bench = _bench(onnx_fp32=0.5, tflite_fp32=0.3, tflite_int8=0.1)
     ok = check_budgets(VAL, bench, ValidateConfig(max_accuracy_drop=0.03, max_p50_ms=0.3, max_size_kb=8))
-    assert ok["ok"]
-    raise_if_failed(ok)
+    assert ok.ok
+    ok.raise_if_failed()
     bad = check_budgets(VAL, bench, ValidateConfig(max_accuracy_drop=0.03, max_p50_ms=0.2, max_size_kb=7))
-    assert not bad["ok"]
-    text = " | ".join(bad["failures"])
+    assert not bad.ok
+    text = " | ".join(bad.failures)
     assert "student_fp32.onnx (onnxruntime): p50 0.400 ms > 0.2 ms, size 7.8 KB > 7 KB" in text
     assert "student_fp32.tflite (litert): p50 0.240 ms > 0.2 ms" in text
     assert "student_int8.tflite (litert): accuracy drop vs teacher 15.00 points > 3.00" in text
     with pytest.raises(CheckFailed) as e:
-        raise_if_failed(bad)
+        bad.raise_if_failed()
     assert e.value.exit_code == 1
     every = check_budgets(VAL, bench, ValidateConfig(max_accuracy_drop=0.03, scope="all"))
-    assert not every["ok"] and every["failures"] == [
+    assert not every.ok and every.failures == [
         "student_int8.tflite (litert): accuracy drop vs teacher 15.00 points > 3.00"]
-    assert check_budgets(VAL, bench, None)["ok"] and check_budgets(VAL, bench, ValidateConfig())["ok"]
-    missing = check_budgets(VAL, {}, ValidateConfig(max_p50_ms=1))
-    assert not missing["ok"] and "not measured" in missing["failures"][0]
+    assert check_budgets(VAL, bench, None).ok and check_budgets(VAL, bench, ValidateConfig()).ok
+    missing = check_budgets(VAL, BenchReport(), ValidateConfig(max_p50_ms=1))
+    assert not missing.ok and "not measured" in missing.failures[0]
