@@ -119,3 +119,52 @@ def test_qat_resume_after_interruption_is_exact(tiny_run, tmp_path):
     assert any("activation_post_process" in k for k in a)
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different
+
+
+# -- the stage: `edgekd quantize --qat` on a run directory ------------------------------------------------
+
+def _copy_run(tiny_run, dst):
+    import shutil
+
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+def test_quantize_qat_writes_verified_int8_files_with_route_qat(tiny_run, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgekd.cli import cli
+
+    run = _copy_run(tiny_run, tmp_path / "run")
+    res = CliRunner().invoke(cli, ["quantize", "--qat", "--run", str(run), "--set", "qat.epochs=1", "-q"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((run / "metadata.json").read_text())
+    qat_entries = {e["file"]: e for e in meta["models"] if e["route"].startswith("qat")}
+    assert set(qat_entries) == {"student_int8_qat.onnx", "student_int8_qat.tflite"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name, entry in qat_entries.items():
+        assert entry["precision"] == "int8" and entry["verified"] is True
+        m = metrics[name]
+        # Checked against the fake-quantized PyTorch model on the whole test split, at the int8 tolerance
+        # (the tiny run's width-2 student has nearly tied logits; the >= 99% proof is the test above).
+        assert m["agreement"] >= 0.98 and m["qat"]["epochs"] == 1 and m["route"] == entry["route"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["qat"]["status"] == "done"
+    state = torch.load(run / "checkpoints" / "qat.state.pt", weights_only=True)
+    assert state["epoch"] == 1
+
+
+def test_quantize_qat_refuses_a_run_without_a_student(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekd.cli import cli
+
+    run = _copy_run(tiny_run, tmp_path / "run")
+    (run / "student.pt").unlink()
+    res = CliRunner().invoke(cli, ["quantize", "--qat", "--run", str(run)])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: ") and "no student.pt" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not list(run.glob("*_qat.*")) and not (run / "checkpoints" / "qat.state.pt").exists()
