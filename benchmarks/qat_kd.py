@@ -126,8 +126,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(summary: list[dict], meta: dict) -> str:
-    lines = [f"# PTQ vs QAT-KD (int8, litert-torch PT2E quantizer)\n", f"{meta['setup']}\n",
+def markdown(summary: list[dict], setups: dict) -> str:
+    lines = ["# PTQ vs QAT-KD (int8, litert-torch PT2E quantizer)\n",
              "| model | seeds | float | PTQ int8 | QAT-KD int8 | QAT − float | QAT − PTQ | float train s | QAT adds s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
@@ -135,7 +135,9 @@ def markdown(summary: list[dict], meta: dict) -> str:
         lines.append(f"| {s['model']} | {len(s['seeds'])} | {f('float')} | {f('ptq_int8')} | {f('qat_int8')} | "
                      f"{100 * s['qat_minus_float']:+.2f} pt | {100 * s['qat_minus_ptq']:+.2f} pt | "
                      f"{s['float_seconds']['mean']:.0f} | {s['qat_seconds']['mean']:.0f} |")
-    lines.append(f"\nMachine: {meta['machine']}; load before / after: {meta['load_before']} / {meta['load_after']}.")
+    for model, meta in setups.items():
+        lines.append(f"\n{model}: {meta['setup']}. Machine: {meta['machine']}; load average before / after: "
+                     f"{meta['load_before']} / {meta['load_after']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -179,10 +181,16 @@ def main() -> None:
                        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch {torch.__version__}",
             "load_before": [round(v, 1) for v in load_before], "load_after": [round(v, 1) for v in os.getloadavg()],
             "args": vars(args)}
-    summary = summarize(rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "qat_kd.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
-    text = markdown(summary, meta)
+    # Models are measured in separate invocations on a shared machine: keep the other models' rows and setups.
+    path = RESULTS / "qat_kd.json"
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": [], "setups": {}}
+    done = {r["model"] for r in rows}
+    rows = [r for r in old["rows"] if r["model"] not in done] + rows
+    setups = {**old.get("setups", {}), **{m: meta for m in done}}
+    summary = summarize(rows)
+    path.write_text(json.dumps({"setups": setups, "rows": rows, "summary": summary}, indent=2))
+    text = markdown(summary, setups)
     (RESULTS / "qat_kd.md").write_text(text)
     print(text)
 

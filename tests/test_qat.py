@@ -168,3 +168,20 @@ def test_quantize_qat_refuses_a_run_without_a_student(tiny_run, tmp_path):
     assert res.output.startswith("error: ") and "no student.pt" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not list(run.glob("*_qat.*")) and not (run / "checkpoints" / "qat.state.pt").exists()
+
+
+def test_report_puts_ptq_and_qat_accuracy_side_by_side():
+    from edgekd.report import ptq_vs_qat_rows
+
+    metrics = {
+        "student_pruned_int8.tflite": {"route": "litert-torch-pt2e", "test_accuracy": 0.951},
+        "student_pruned_int8_qat.tflite": {"route": "qat-litert-torch-pt2e", "test_accuracy": 0.963,
+                                           "qat": {"seconds": 41.2}},
+        "student_pruned_int8_qat.onnx": {"route": "qat-torch.onnx-qdq", "test_accuracy": 0.962},
+        "student_pruned_fp32.onnx": {"route": "torch.onnx-dynamo+onnxslim", "test_accuracy": 0.97},
+    }
+    rows = ptq_vs_qat_rows(metrics)
+    assert rows == [
+        ["—", "-", "student_pruned_int8_qat.onnx", "0.9620", "—", "-"],
+        ["student_pruned_int8.tflite", "0.9510", "student_pruned_int8_qat.tflite", "0.9630", "+1.20 pt", "41"],
+    ]
