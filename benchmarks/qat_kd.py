@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--mbv2-width", type=float, default=0.35)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--models", nargs="+", default=["student", "mobilenetv2"])
+    ap.add_argument("--tag", default="", help="appended to the model names (a second setting of the same model)")
     args = ap.parse_args()
     run = Path(args.teacher_run)
     recipe = validate_recipe(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
@@ -173,7 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qat-kd-") as tmp:
         for key in args.models:
             for seed in args.seeds:
-                rows.append(one(names[key], makers[key], data, teacher, seed, args, Path(tmp)))
+                rows.append(one(names[key] + args.tag, makers[key], data, teacher, seed, args, Path(tmp)))
     meta = {"setup": (f"{recipe.data.dataset}, {args.limit} samples ({len(data.train)} train / {len(data.test)} test), "
                       f"teacher {run / 'teacher.pt'}; float KD {args.float_epochs} epochs, QAT-KD {args.qat_epochs} "
                       f"epochs at lr {args.qat_lr} (cosine), KD T=4 alpha=1, 256 calibration samples"),
