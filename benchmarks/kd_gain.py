@@ -39,7 +39,7 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 3, epochs: 
 
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit, predict_logits
+    from edgekd.training import FitConfig, fit, predict_logits
     from edgekd.models import build_model, load_weights
 
     data = load_data(recipe.data, recipe.seed)
@@ -53,9 +53,9 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 3, epochs: 
         for kind in ("plain", "kd"):
             torch.manual_seed(recipe.seed)
             student = build_model(recipe.student.model, data.input_shape, data.num_classes, recipe.student.kwargs)
-            res = fit(kind, student, data, cfg, kd_loss if kind == "kd" else losses.build("ce"), seed=recipe.seed,
-                      state_path=work / f"cost-{kind}-{r}.state.pt", teacher=teacher if kind == "kd" else None,
-                      quiet=True)
+            res = fit(student, data, kd_loss if kind == "kd" else losses.build("ce"),
+                      FitConfig(kind, cfg, seed=recipe.seed, state_path=work / f"cost-{kind}-{r}.state.pt",
+                                quiet=True), teacher=teacher if kind == "kd" else None)
             times[kind] += [row["seconds"] for row in res.history]
     t0 = time.perf_counter()
     predict_logits(teacher, data.loader("train", 512))

@@ -67,7 +67,7 @@ def stage_outputs(model: nn.Module) -> list[str]:
 
 def weights(name: str, factor: float) -> dict[str, float]:
     """The tuned weights of loss ``name``: its defaults times ``factor``."""
-    params = inspect.signature(losses._LOSSES[name].__init__).parameters
+    params = inspect.signature(losses.get_loss(name).__init__).parameters
     return {k: params[k].default * factor for k in TUNED[name]}
 
 

@@ -143,7 +143,7 @@ def markdown(summary: list[dict], setups: dict) -> str:
 
 def main() -> None:
     from edgekd.data import load_data
-    from edgekd.export.pipeline import _model_from_checkpoint
+    from edgekd.models import load_model
     from edgekd.models import create_model
     from edgekd.recipe import read_yaml, validate_recipe
 
@@ -162,7 +162,7 @@ def main() -> None:
     run = Path(args.teacher_run)
     recipe = validate_recipe(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
     data = load_data(recipe.data.model_copy(update={"limit": args.limit}), recipe.seed)
-    teacher = _model_from_checkpoint(run / "teacher.pt")
+    teacher = load_model(run / "teacher.pt").eval()
     shape, n = tuple(data.input_shape), data.num_classes
     makers = {"student": lambda: create_model(recipe.student.model, shape, n, **recipe.student.kwargs),
               "mobilenetv2": lambda: Resized(create_model("mobilenetv2", (shape[0], args.size, args.size), n,

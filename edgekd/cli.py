@@ -92,7 +92,7 @@ def distill(recipe: str | None, out: str, name: str | None, seed: int | None, ov
 
     For several processes: torchrun --nproc_per_node=N -m edgekd distill RECIPE (DDP; rank 0 writes the run).
     """
-    from edgekd.distill.distributed import run_distill_everywhere
+    from edgekd.distill.launch import run_distill_everywhere
     from edgekd.recipe import load_recipe
     from edgekd.summary import distill_summary
 
@@ -142,11 +142,11 @@ def sweep_cmd(recipe: str | None, trials: int, storage: str | None, study_name: 
 @cli.command("models")
 def list_models() -> None:
     """List the built-in model architectures."""
+    from edgekd.models import get_model_factory
     from edgekd.models import list_models as names
-    from edgekd.models.registry import _REGISTRY
 
     for name in names():
-        doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()[0]
+        doc = (get_model_factory(name).__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name:12s} {doc}")
 
 
@@ -230,12 +230,15 @@ def _export_section(run: str | None, out: str, overrides: tuple[str, ...], comma
 @_export_options
 @click.option("--onnx", "onnx_", is_flag=True, help="Write ONNX files (no format flag: both formats).")
 @click.option("--tflite", "tflite_", is_flag=True, help="Write TFLite files (no format flag: both formats).")
+@click.option("--format", "format_names", multiple=True, metavar="NAME",
+              help="Write this format, any registered export backend (repeatable; --onnx = --format onnx).")
 @click.option("--quantize", "quantize", default=None, metavar="LIST",
               help="Quantized student files to add: fp16,int8,dynamic or none (default: the recipe's, else int8).")
 @click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
 @click.option("--no-teacher", is_flag=True, help="Do not export the teacher (fp32) for comparison.")
 def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
-               overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, quantize: str | None,
+               overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, format_names: tuple[str, ...],
+               quantize: str | None,
                nhwc: bool | None, no_teacher: bool) -> None:
     """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
 
@@ -246,7 +249,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
     from edgekd.export import run_export, summary_table
 
     rd, cfg = _export_section(run, out, overrides, "export")
-    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_)) if on] or None
+    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_)) if on] + list(format_names) or None
     report = run_export(rd, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
                         verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False)

@@ -48,13 +48,28 @@ def available() -> dict[str, str]:
     return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(_LOSSES.items())}
 
 
-def build(name: str, **kwargs) -> nn.Module:
-    """Build a registered loss; unknown names or kwargs raise a one-line :class:`RecipeError`."""
+def list_losses() -> list[str]:
+    """Names of the registered losses, sorted."""
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> type[nn.Module]:
+    """The loss class registered under ``name``.
+
+    Raises:
+        RecipeError: No loss of that name; the message suggests the closest one.
+    """
     cls = _LOSSES.get(name)
     if cls is None:
         close = difflib.get_close_matches(name, _LOSSES, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"available: {', '.join(sorted(_LOSSES))}"
         raise RecipeError(f"unknown loss {name!r}", hint)
+    return cls
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered loss; unknown names or kwargs raise a one-line :class:`RecipeError`."""
+    cls = get_loss(name)
     params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     for key in kwargs:
         if key not in params:
@@ -72,7 +87,7 @@ def build(name: str, **kwargs) -> nn.Module:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"loss {name!r}: {e}") from None
+        raise RecipeError(f"loss {name!r}: {e}") from e
 
 
 def _check_alpha(alpha: float) -> float:
@@ -281,7 +296,7 @@ class FeatureLoss(nn.Module):
             return [(student_logits, teacher_logits)]
         if features is None:
             raise ValueError(f"{self.name} compares intermediate features: call it with features= "
-                             "(edgekd.distill.trainer.fit collects them)")
+                             "(edgekd.training.fit collects them)")
         return [(features.student[s], features.teacher[t]) for s, t in self.feature_layers()]
 
     def forward(self, student_logits, teacher_logits, labels=None, features: Features | None = None):
@@ -640,7 +655,7 @@ class CombinedLoss(nn.Module):
             try:
                 built.append(build(name, **kwargs))
             except RecipeError as e:
-                raise ValueError(f"term {i + 1}: {e}") from None
+                raise ValueError(f"term {i + 1}: {e}") from e
             names.append(name)
         if sum(weights) <= 0:
             raise ValueError(f"the term weights {weights} sum to 0: give at least one term a positive weight")

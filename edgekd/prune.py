@@ -53,18 +53,18 @@ from torch import nn
 
 from edgekd.errors import CheckpointError, ModelError, RecipeError, RunDirError
 from edgekd.recipe import PruneConfig, Recipe, TrainConfig
-from edgekd.run_dir import RunDir, atomic_path, read_json, sha256_file, write_json_atomic
+from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
+# The pruned-model format lives in edgekd.models; these names stay importable from here.
+from edgekd.models.pruned import (FORMAT, build_pruned, load_pruned, load_pruned_model,  # noqa: F401
+                                  module_attributes, save_pruned)
 
 STAGE = "prune"
 ROLE = "student_pruned"
 ARTIFACT = f"{ROLE}.pt"
-FORMAT = "edgekd-pruned/1"
 # Resumable state of an unfinished prune (removed when a prune starts without --resume).
 PROGRESS = "checkpoints/prune_progress.pt"  # the model of the last finished step, the step index, the schedule
 OPTIONS = "checkpoints/prune_resume.json"  # the options the prune started with, and its planned channel ratio
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
-# Plain-data attribute types recorded per module; anything else (tensors, modules, callables) is not saved.
-_PLAIN = (bool, int, float, str, type(None))
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def resolve_config(recipe: Recipe, *, ratio: float | None = None, target_macs: f
     except ValidationError as e:  # e.g. --lr 0 or a negative target: one line naming the key
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise RecipeError(f"prune.{key}: {err['msg']} (got {err.get('input')!r})") from None
+        raise RecipeError(f"prune.{key}: {err['msg']} (got {err.get('input')!r})") from e
 
 
 # -- the pruning itself ----------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def _pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, ratio: fl
         # Tracing failed on an operation torch-pruning cannot follow (custom ops, data-dependent control flow).
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ModelError(f"torch-pruning cannot trace the model's dependency graph ({type(e).__name__}: {first})",
-                         "protect the layers it cannot follow with --protect, or prune a zoo model") from None
+                         "protect the layers it cannot follow with --protect, or prune a zoo model") from e
 
 
 def _ignored(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -461,103 +461,6 @@ def _taylor_type():
     return tp.importance.GroupTaylorImportance
 
 
-# -- saving and loading ---------------------------------------------------------------------------------
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return isinstance(value, _PLAIN)
-
-
-def module_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The public plain-data attributes of every module (what pruning rewrites: channel counts, groups...)."""
-    out = {}
-    for name, m in model.named_modules():
-        out[name] = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training" and _plain(v)}
-    return out
-
-
-def save_pruned(path: str | Path, model: nn.Module, spec: str, kwargs: dict[str, Any],
-                input_shape: tuple[int, ...], num_classes: int, **extra: Any) -> None:
-    """Save a pruned model so :func:`load_pruned` can rebuild it; every value is a tensor or plain data."""
-    payload = {
-        "format": FORMAT, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "model": {"spec": spec, "kwargs": dict(kwargs)}, "input_shape": list(input_shape),
-        "num_classes": int(num_classes), "modules": module_attributes(model), **extra,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_pruned(path: str | Path) -> nn.Module:
-    """Rebuild a pruned model saved by :func:`save_pruned`, in eval mode.
-
-    The architecture comes from the recorded spec; each module is then resized to its recorded attributes and
-    the shapes of its saved tensors, so widths the factory cannot express are restored exactly.
-
-    Raises:
-        CheckpointError: Missing, corrupt, not a pruned checkpoint, or not matching the recorded model.
-    """
-    from edgekd.models import load_checkpoint
-
-    path = Path(path)
-    return _build_pruned(load_checkpoint(path), path)  # weights_only=True: no object is unpickled
-
-
-def _build_pruned(ckpt: dict[str, Any], path: Path) -> nn.Module:
-    """The model of a loaded :func:`save_pruned` payload (see :func:`load_pruned`)."""
-    from edgekd.models import build_model
-
-    if ckpt.get("format") != FORMAT or "modules" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a pruned edgekd checkpoint (format {ckpt.get('format')!r})",
-                              "write it with `edgekd prune`")
-    spec, kwargs = ckpt["model"]["spec"], ckpt["model"].get("kwargs", {})
-    model = build_model(spec, tuple(ckpt["input_shape"]), int(ckpt["num_classes"]), kwargs)
-    modules = dict(model.named_modules())
-    attrs: dict[str, dict[str, Any]] = ckpt["modules"]
-    missing = sorted(set(attrs) - set(modules))
-    if missing:
-        raise CheckpointError(f"{path} does not fit model {spec!r}: it has no module {missing[0]!r}",
-                              "the model code changed since pruning; prune again")
-    for name, values in attrs.items():
-        for key, value in values.items():
-            setattr(modules[name], key, value)
-    state = ckpt["state_dict"]
-    for key, tensor in state.items():
-        owner_name, _, attr = key.rpartition(".")
-        owner = modules.get(owner_name)
-        if owner is None:
-            raise CheckpointError(f"{path} does not fit model {spec!r}: unexpected tensor {key!r}",
-                                  "the model code changed since pruning; prune again")
-        # Replace each tensor with an empty one of the saved shape so load_state_dict can fill it.
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            old = owner._parameters[attr]
-            owner._parameters[attr] = nn.Parameter(torch.empty_like(tensor), requires_grad=old.requires_grad)
-        elif attr in owner._buffers and owner._buffers[attr] is not None:
-            owner._buffers[attr] = torch.empty_like(tensor)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path} does not fit model {spec!r} ({' '.join(first[:2])[:200]})",
-                              "the model code changed since pruning; prune again") from None
-    return model.eval()
-
-
-def load_pruned_model(run_dir: str | Path | RunDir) -> nn.Module:
-    """The pruned student of a run directory (``student_pruned.pt``), in eval mode.
-
-    Raises:
-        RunDirError: The run has not been pruned (run ``edgekd prune`` first).
-        CheckpointError: The file is damaged or does not fit the model.
-    """
-    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    path = rd / ARTIFACT
-    if not path.is_file():
-        raise RunDirError(f"{rd.path} has no {ARTIFACT}", "run `edgekd prune --run <dir>` first")
-    return load_pruned(path)
-
-
 # -- latency --------------------------------------------------------------------------------------------
 
 def measure_latency(models: dict[str, Callable[[torch.Tensor], Any]], input_shape: tuple[int, ...], runs: int = 300,
@@ -616,22 +519,13 @@ def _finetune_config(recipe: Recipe, cfg: PruneConfig) -> TrainConfig:
 
 
 def _load_role(rd: RunDir, role: str, allow_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    from edgekd.models import build_model, load_checkpoint
+    from edgekd.models import load_checkpoint, load_model
 
     path = rd / f"{role}.pt"
     if not path.is_file():
         raise RunDirError(f"{rd.path} has no {role}.pt", "run `edgekd distill` to completion first")
     ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
-    info = ckpt.get("model")
-    if not isinstance(info, dict) or "spec" not in info or "input_shape" not in ckpt:
-        raise CheckpointError(f"{path} does not record its model spec", "it must be written by `edgekd distill`")
-    model = build_model(info["spec"], tuple(ckpt["input_shape"]), int(ckpt["num_classes"]), info.get("kwargs"))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise CheckpointError(f"{path} does not fit its recorded model {info['spec']!r}",
-                              "the model code changed since distillation") from None
-    return model.eval(), ckpt
+    return load_model(path, checkpoint=ckpt), ckpt
 
 
 def _load_teacher(rd: RunDir, recipe: Recipe) -> nn.Module:
@@ -639,7 +533,7 @@ def _load_teacher(rd: RunDir, recipe: Recipe) -> nn.Module:
     several = getattr(recipe, "teachers", None)
     if not several or len(several) < 2:
         return _load_role(rd, "teacher")[0]
-    from edgekd.distill.strategies import TeacherEnsemble, teacher_roles
+    from edgekd.training import TeacherEnsemble, teacher_roles
 
     # The same combination of soft targets as the distill stage used.
     models = [_load_role(rd, role)[0] for role in teacher_roles(len(several))]
@@ -653,7 +547,7 @@ def _normalized(value: Any) -> Any:
 
 def _options(cfg: PruneConfig, ft_cfg: TrainConfig, recipe: Recipe, rd: RunDir) -> dict[str, Any]:
     """Everything a resumed prune must share with the interrupted one to end with the same weights."""
-    from edgekd.distill import distributed
+    from edgekd.training import parallel as distributed
 
     return _normalized({
         "prune": cfg.model_dump(), "finetune": ft_cfg.model_dump(), "seed": recipe.seed,
@@ -730,7 +624,7 @@ def _resume_point(rd: RunDir, options: dict[str, Any], resume: bool | str, quiet
     if ckpt.get("options") != options or not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{progress} does not belong to the interrupted prune",
                               "drop --resume to start the prune over")
-    point.update(done=int(state["step"]), model=_build_pruned(ckpt, progress), state=state)
+    point.update(done=int(state["step"]), model=build_pruned(ckpt, progress), state=state)
     return point
 
 
@@ -745,7 +639,7 @@ def run_prune(rd: RunDir | str | Path, *, ratio: float | None = None, target_mac
     anything is written, so a failed call leaves the run directory exactly as it was.
 
     Under ``torchrun --nproc_per_node=N -m edgekd prune`` every rank loads the run, plans and prunes the same
-    channels itself (see :func:`edgekd.distill.distributed.sync_pruned`: rank 0's ratio and post-step weights
+    channels itself (see :func:`edgekd.training.parallel.sync_pruned`: rank 0's ratio and post-step weights
     are then broadcast, after checking the widths agree) and the KD fine-tuning runs under
     DistributedDataParallel with sharded sampling, ``data.batch_size`` staying the global batch. Only rank 0
     writes into the run directory; the other ranks keep their fine-tuning checkpoints in a scratch directory.
@@ -769,190 +663,207 @@ def run_prune(rd: RunDir | str | Path, *, ratio: float | None = None, target_mac
         The run directory, now holding ``student_pruned.pt`` and ``metrics.json["student_pruned"]``; None on
         ranks other than 0 under torchrun.
     """
-    from edgekd.distill import distributed
+    from edgekd.training import parallel
 
-    if distributed.is_distributed():  # the caller owns the process group
-        return _run_prune(rd, ratio=ratio, target_macs=target_macs, target_params=target_params, steps=steps,
-                          importance=importance, finetune_epochs=finetune_epochs, protect=protect,
-                          global_pruning=global_pruning, lr=lr, quiet=quiet, latency_runs=latency_runs,
-                          resume=resume)
-    info = distributed.setup(device)
+    options = dict(ratio=ratio, target_macs=target_macs, target_params=target_params, steps=steps,
+                   importance=importance, finetune_epochs=finetune_epochs, protect=protect,
+                   global_pruning=global_pruning, lr=lr)
+    if parallel.is_distributed():  # the caller owns the process group
+        return _Prune(rd, options, quiet, resume).run(latency_runs)
+    info = parallel.setup(device)
     ok = False
     try:
-        out = _run_prune(rd, ratio=ratio, target_macs=target_macs, target_params=target_params, steps=steps,
-                         importance=importance, finetune_epochs=finetune_epochs, protect=protect,
-                         global_pruning=global_pruning, lr=lr, quiet=quiet, latency_runs=latency_runs,
-                         launch=info, resume=resume)
+        out = _Prune(rd, options, quiet, resume, launch=info).run(latency_runs)
         ok = True
         return out
     finally:
-        if not ok and distributed.is_distributed():  # no barrier: the other ranks may never reach it
+        if not ok and parallel.is_distributed():  # no barrier: the other ranks may never reach it
             torch.distributed.destroy_process_group()
-        distributed.teardown()
+        parallel.teardown()
 
 
-def _run_prune(rd: RunDir | str | Path, *, ratio: float | None, target_macs: float | None,
-               target_params: float | None, steps: int | None, importance: str | None,
-               finetune_epochs: int | None, protect: Iterable[str], global_pruning: bool | None,
-               lr: float | None, quiet: bool, latency_runs: int, launch: dict[str, Any] | None = None,
-               resume: bool | str = False) -> RunDir | None:
-    import shutil
-    import tempfile
+class _Prune:
+    """One prune of a run: load and check (nothing written), plan, prune with KD recovery, record."""
 
-    from edgekd import losses
-    from edgekd.data import load_data
-    from edgekd.distill import distributed
-    from edgekd.distill.trainer import evaluate, fit
-    from edgekd.recipe import load_recipe
+    def __init__(self, rd: RunDir | str | Path, options: dict[str, Any], quiet: bool, resume: bool | str,
+                 launch: dict[str, Any] | None = None):
+        from edgekd.training import parallel
 
-    main = distributed.is_main()
-    world = distributed.world_size()
-    if world > 1:
-        if resume is True:
-            raise RecipeError("prune --resume is not supported under torchrun",
-                              "resume the prune with a single process, or run it again without --resume")
-        resume = False
-    if launch is None:
-        launch = {"world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None,
-                  "device": str(distributed.device())}
-    rd = rd if isinstance(rd, RunDir) else RunDir(rd)
-    if not (rd / "recipe.yaml").is_file():
-        raise RunDirError(f"{rd.path} has no recipe.yaml", "pass --run with a directory from `edgekd distill`")
-    recipe = load_recipe(rd / "recipe.yaml")
-    cfg = resolve_config(recipe, ratio=ratio, target_macs=target_macs, target_params=target_params, steps=steps,
-                         importance=importance, finetune_epochs=finetune_epochs, protect=protect,
-                         global_pruning=global_pruning, lr=lr)
-    student, ckpt = _load_role(rd, "student")
-    spec, kwargs = ckpt["model"]["spec"], ckpt["model"].get("kwargs", {})
-    input_shape = tuple(ckpt["input_shape"])
-    resolve_protected(student, cfg.protect)  # fail before any work on a wrong name
-    teacher = _load_teacher(rd, recipe)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    data = load_data(recipe.data, recipe.seed)
-    if tuple(data.input_shape) != input_shape:
-        raise RunDirError(f"student.pt expects inputs {input_shape} but the recipe's data gives {data.input_shape}",
-                          "the run directory was edited; distill again")
-    distributed.local_batch_size(data.batch_size, len(data.train))  # splittable over the ranks? (before writing)
-    loss_kwargs = dict(recipe.distill.loss)
-    loss_name = loss_kwargs.pop("name")
+        self.main, world = parallel.is_main(), parallel.world_size()
+        if world > 1:
+            if resume is True:
+                raise RecipeError("prune --resume is not supported under torchrun",
+                                  "resume the prune with a single process, or run it again without --resume")
+            resume = False
+        self.launch = launch or {"world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None,
+                                 "device": str(parallel.device())}
+        self.quiet, self.resume = quiet, resume
+        self.log = None if quiet or not self.main else (lambda line: print(line, flush=True))
+        self._load(rd if isinstance(rd, RunDir) else RunDir(rd), options)
 
-    def make_loss() -> nn.Module:
-        # A fresh loss per fine-tuning step: feature losses size their projections to the (now pruned) widths.
-        return losses.build(loss_name, **copy.deepcopy(loss_kwargs))
+    def _load(self, rd: RunDir, options: dict[str, Any]) -> None:
+        """Read and check the run, the recipe and the options (the order of model builds is the RNG's order)."""
+        from edgekd import losses
+        from edgekd.data import load_data
+        from edgekd.recipe import load_recipe
+        from edgekd.training import evaluate, parallel
 
-    kd_loss = make_loss()  # built here so a bad loss config fails before anything is written
-    # Taylor scores need one backward pass outside the trainer, which alone collects intermediate features;
-    # a feature loss is replaced there by logit KD on soft targets.
-    grad_loss = kd_loss if not losses.needs_features(kd_loss) else losses.build("kd", temperature=4.0, alpha=1.0)
-    original = copy.deepcopy(student).eval()
-    before = evaluate(student, data, "test")
+        if not (rd / "recipe.yaml").is_file():
+            raise RunDirError(f"{rd.path} has no recipe.yaml", "pass --run with a directory from `edgekd distill`")
+        self.rd, self.recipe = rd, load_recipe(rd / "recipe.yaml")
+        self.cfg = resolve_config(self.recipe, **options)
+        self.student, ckpt = _load_role(rd, "student")
+        self.spec, self.kwargs = ckpt["model"]["spec"], ckpt["model"].get("kwargs", {})
+        self.input_shape = tuple(ckpt["input_shape"])
+        resolve_protected(self.student, self.cfg.protect)  # fail before any work on a wrong name
+        self.teacher = _load_teacher(rd, self.recipe)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.data = data = load_data(self.recipe.data, self.recipe.seed)
+        if tuple(data.input_shape) != self.input_shape:
+            raise RunDirError(f"student.pt expects inputs {self.input_shape} but the recipe's data gives "
+                              f"{data.input_shape}", "the run directory was edited; distill again")
+        parallel.local_batch_size(data.batch_size, len(data.train))  # splittable over the ranks? (before writing)
+        kd_loss = self.make_loss()  # built here so a bad loss config fails before anything is written
+        # Taylor scores need one backward pass outside the trainer, which alone collects intermediate features;
+        # a feature loss is replaced there by logit KD on soft targets.
+        self.grad_loss = kd_loss if not losses.needs_features(kd_loss) else losses.build("kd", temperature=4.0,
+                                                                                         alpha=1.0)
+        self.original = copy.deepcopy(self.student).eval()
+        self.before = evaluate(self.student, data, "test")
+        self.ft_cfg = _finetune_config(self.recipe, self.cfg)
+        self.options = _options(self.cfg, self.ft_cfg, self.recipe, rd)
+        self.progress = _resume_point(rd, self.options, self.resume, self.quiet) if self.resume else None
 
-    def gradients(model: nn.Module, batches: int = 8) -> None:
-        # Taylor importance: |w * dL/dw| with the KD loss over a few training batches, BN statistics frozen.
+    def make_loss(self) -> nn.Module:
+        """A fresh KD loss per fine-tuning step: feature losses size their projections to the (pruned) widths."""
+        from edgekd import losses
+
+        loss_kwargs = dict(self.recipe.distill.loss)
+        return losses.build(loss_kwargs.pop("name"), **copy.deepcopy(loss_kwargs))
+
+    def gradients(self, model: nn.Module, batches: int = 8) -> None:
+        """Taylor importance: ``|w * dL/dw|`` with the KD loss over a few training batches, BN statistics frozen."""
         model.eval()
         model.zero_grad(set_to_none=True)
-        for i, (x, y, _) in enumerate(data.loader("train", data.batch_size)):
+        for i, (x, y, _) in enumerate(self.data.loader("train", self.data.batch_size)):
             if i >= batches:
                 break
             with torch.no_grad():
-                t = teacher(x)
-            grad_loss(model(x), t, y).backward()
+                t = self.teacher(x)
+            self.grad_loss(model(x), t, y).backward()
 
-    ft_cfg = _finetune_config(recipe, cfg)
-    options = _options(cfg, ft_cfg, recipe, rd)
-    progress = _resume_point(rd, options, resume, quiet) if resume else None
-    # Other ranks fine-tune in step with rank 0 but keep their checkpoints out of the run directory.
-    scratch = None if main else Path(tempfile.mkdtemp(prefix=f"edgekd-rank{distributed.rank()}-prune-"))
-    ckpt_dir = rd / "checkpoints" if main else scratch
-    log = None if quiet or not main else (lambda line: print(line, flush=True))
+    def plan(self) -> float:
+        """The channel ratio: the interrupted prune's, or planned now (raises on bad input, changes nothing)."""
+        from edgekd.training import parallel
 
-    # The step a resumed prune continues with: its fine-tuning resumes from the epochs already saved.
-    resume_step = None if progress is None else progress["done"] + 1
+        if self.progress is not None:  # the same: it is a function of student.pt and the options
+            return self.progress["ratio"]
+        ratio, _ = plan(self.student, self.input_shape, self.cfg, self.gradients)
+        return parallel.broadcast_object(ratio)  # computed on every rank; rank 0's value is the one used
 
-    def finetune(model: nn.Module, step: int) -> dict[str, Any]:
-        distributed.sync_pruned(model)  # every rank now holds rank 0's pruned weights
-        if ft_cfg.epochs == 0:
-            return {"val_accuracy": evaluate(model, data, "val")["test_accuracy"]}
-        state_path = ckpt_dir / f"prune_step{step}.state.pt"
-        cont = step == resume_step
+    def recover(self, model: nn.Module, step: int) -> dict[str, Any]:
+        """KD fine-tuning after pruning step ``step`` (continued from its saved epochs when resuming it)."""
+        from edgekd.training import FitConfig, evaluate, loop, parallel
+
+        parallel.sync_pruned(model)  # every rank now holds rank 0's pruned weights
+        if self.ft_cfg.epochs == 0:
+            return {"val_accuracy": evaluate(model, self.data, "val")["test_accuracy"]}
+        state_path = self.ckpt_dir / f"prune_step{step}.state.pt"
+        cont = self.progress is not None and step == self.progress["done"] + 1
         if not cont and state_path.exists():
             state_path.unlink()
         # Each step's fine-tuning starts from its own seed (dropout, loss projections): the same whether or not
         # the run stopped before it.
-        torch.manual_seed(recipe.seed + step)
-        res = fit(f"prune{step}", model, data, ft_cfg, make_loss(), seed=recipe.seed + step, state_path=state_path,
-                  teacher=teacher, cache_teacher=recipe.distill.cache_teacher, quiet=quiet or not main,
-                  resume=cont)
+        seed = self.recipe.seed + step
+        torch.manual_seed(seed)
+        config = FitConfig(role=f"prune{step}", train=self.ft_cfg, seed=seed, state_path=state_path, resume=cont,
+                           quiet=self.quiet or not self.main, cache_teacher=self.recipe.distill.cache_teacher)
+        res = loop.fit(model, self.data, self.make_loss(), config, teacher=self.teacher)
         return {"val_accuracy": res.best_val_accuracy, "finetune_seconds": round(res.seconds, 3)}
 
-    t0 = time.perf_counter()
-    if progress is not None:  # the interrupted prune's plan (the same: it is a function of student.pt and options)
-        ratio_ = progress["ratio"]
-    else:
-        ratio_, _ = plan(student, input_shape, cfg, gradients)  # raises on bad input, changes nothing
-        ratio_ = distributed.broadcast_object(ratio_)  # computed on every rank; rank 0's value is the one used
-    # Nothing in the run directory has been touched up to here.
-    progress_path = rd / PROGRESS
-    if main:
+    def start(self, ratio: float) -> None:
+        """The first write into the run directory: the stage starts, an old result and old progress go."""
+        rd = self.rd
         rd.stage_started(STAGE)
         if (rd / ARTIFACT).exists():  # from an earlier prune: only a finished prune leaves student_pruned.pt
             (rd / ARTIFACT).unlink()
             rd.forget_artifacts(ARTIFACT)
-        if progress is None:  # a fresh prune: no step file of an earlier one may be picked up later
+        if self.progress is None:  # a fresh prune: no step file of an earlier one may be picked up later
             _clear_progress(rd)
-            write_json_atomic(rd / OPTIONS, {**options, "planned_ratio": ratio_})
+            write_json_atomic(rd / OPTIONS, {**self.options, "planned_ratio": ratio})
 
-    def save_step(model: nn.Module, state: dict[str, Any]) -> None:
-        if main:
-            save_pruned(progress_path, model, spec, kwargs, input_shape, data.num_classes, source="student.pt",
-                        ratio=ratio_, progress=state, options=options)
-        if log is not None:
-            log(f"prune step {state['step']} saved to {progress_path}")
+    def run(self, latency_runs: int) -> RunDir | None:
+        """Plan, prune step by step with recovery (saving each step), then record on rank 0."""
+        import shutil
+        import tempfile
 
-    model = student
-    if progress is not None and progress["model"] is not None:
-        model = progress["model"]
-        if log is not None:
-            log(f"resuming the prune after step {progress['done']} ({progress_path})")
-    try:
-        result = prune_model(model, input_shape, cfg, ratio=ratio_, gradients=gradients, finetune=finetune,
-                             log=log, on_step=save_step, progress=progress["state"] if progress else None)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    seconds = time.perf_counter() - t0
-    student = model.eval()
-    if not main:
-        return None
-    after = evaluate(student, data, "test")
-    latency = measure_latency({"before": original, "after": student}, input_shape, runs=latency_runs)
-    # Written last, just before the books: an interrupted prune leaves no student_pruned.pt.
-    save_pruned(rd / ARTIFACT, student, spec, kwargs, input_shape, data.num_classes,
-                source="student.pt", ratio=result.ratio, protected=result.protected)
-    widths0, widths1 = layer_widths(original), layer_widths(student)
-    metrics = {
-        **after, "model": spec, "params": result.params, "macs": result.macs,
-        "params_before": result.params_before, "macs_before": result.macs_before,
-        "mac_reduction": round(result.mac_reduction, 4), "param_reduction": round(result.param_reduction, 4),
-        "test_accuracy_before": before["test_accuracy"],
-        "accuracy_drop": round(before["test_accuracy"] - after["test_accuracy"], 6),
-        "latency_ms_before": round(latency["before"], 5), "latency_ms_after": round(latency["after"], 5),
-        "latency_speedup": round(latency["before"] / latency["after"], 4),
-        "latency": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median", "runtime": "pytorch"},
-        "ratio": result.ratio, "target_macs": cfg.target_macs, "target_params": cfg.target_params,
-        "steps": len(result.steps), "importance": cfg.importance, "global_pruning": cfg.global_pruning,
-        "finetune_epochs": cfg.finetune_epochs, "lr": ft_cfg.lr, "protected": result.protected,
-        "channels": {name: [widths0[name], widths1.get(name)] for name in widths0},
-        "step_log": result.steps, "train_seconds": round(seconds, 3),
-        "world_size": launch["world_size"], "backend": launch["backend"], "device": launch["device"],
-    }
-    rd.update_metrics(ROLE, metrics)
-    rd.record_artifacts(ARTIFACT)
-    rd.stage_done(STAGE, artifact=ARTIFACT, seconds=round(seconds, 2), ratio=result.ratio,
-                  mac_reduction=metrics["mac_reduction"], world_size=launch["world_size"],
-                  backend=launch["backend"], device=launch["device"])
-    return rd
+        from edgekd.training import parallel
+
+        # Other ranks fine-tune in step with rank 0 but keep their checkpoints out of the run directory.
+        scratch = None if self.main else Path(tempfile.mkdtemp(prefix=f"edgekd-rank{parallel.rank()}-prune-"))
+        self.ckpt_dir = self.rd / "checkpoints" if self.main else scratch
+        t0 = time.perf_counter()
+        self.ratio = self.plan()
+        if self.main:  # nothing in the run directory has been touched up to here
+            self.start(self.ratio)
+        model = self.student
+        if self.progress is not None and self.progress["model"] is not None:
+            model = self.progress["model"]
+            if self.log is not None:
+                self.log(f"resuming the prune after step {self.progress['done']} ({self.rd / PROGRESS})")
+        try:
+            result = prune_model(model, self.input_shape, self.cfg, ratio=self.ratio, gradients=self.gradients,
+                                 finetune=self.recover, log=self.log, on_step=self.save_step,
+                                 progress=self.progress["state"] if self.progress else None)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        seconds = time.perf_counter() - t0
+        if not self.main:
+            return None
+        self.record(model.eval(), result, seconds, latency_runs)
+        return self.rd
+
+    def save_step(self, model: nn.Module, state: dict[str, Any]) -> None:
+        if self.main:
+            save_pruned(self.rd / PROGRESS, model, self.spec, self.kwargs, self.input_shape, self.data.num_classes,
+                        source="student.pt", ratio=self.ratio, progress=state, options=self.options)
+        if self.log is not None:
+            self.log(f"prune step {state['step']} saved to {self.rd / PROGRESS}")
+
+    def record(self, student: nn.Module, result: PruneResult, seconds: float, latency_runs: int) -> None:
+        """Measure the pruned student, write ``student_pruned.pt`` (last: an interrupted prune leaves none) and
+        its metrics, and mark the stage done."""
+        from edgekd.training import evaluate
+
+        rd, cfg, launch = self.rd, self.cfg, self.launch
+        after = evaluate(student, self.data, "test")
+        latency = measure_latency({"before": self.original, "after": student}, self.input_shape, runs=latency_runs)
+        save_pruned(rd / ARTIFACT, student, self.spec, self.kwargs, self.input_shape, self.data.num_classes,
+                    source="student.pt", ratio=result.ratio, protected=result.protected)
+        widths0, widths1 = layer_widths(self.original), layer_widths(student)
+        metrics = {
+            **after, "model": self.spec, "params": result.params, "macs": result.macs,
+            "params_before": result.params_before, "macs_before": result.macs_before,
+            "mac_reduction": round(result.mac_reduction, 4), "param_reduction": round(result.param_reduction, 4),
+            "test_accuracy_before": self.before["test_accuracy"],
+            "accuracy_drop": round(self.before["test_accuracy"] - after["test_accuracy"], 6),
+            "latency_ms_before": round(latency["before"], 5), "latency_ms_after": round(latency["after"], 5),
+            "latency_speedup": round(latency["before"] / latency["after"], 4),
+            "latency": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median", "runtime": "pytorch"},
+            "ratio": result.ratio, "target_macs": cfg.target_macs, "target_params": cfg.target_params,
+            "steps": len(result.steps), "importance": cfg.importance, "global_pruning": cfg.global_pruning,
+            "finetune_epochs": cfg.finetune_epochs, "lr": self.ft_cfg.lr, "protected": result.protected,
+            "channels": {name: [widths0[name], widths1.get(name)] for name in widths0},
+            "step_log": result.steps, "train_seconds": round(seconds, 3),
+            "world_size": launch["world_size"], "backend": launch["backend"], "device": launch["device"],
+        }
+        rd.update_metrics(ROLE, metrics)
+        rd.record_artifacts(ARTIFACT)
+        rd.stage_done(STAGE, artifact=ARTIFACT, seconds=round(seconds, 2), ratio=result.ratio,
+                      mac_reduction=metrics["mac_reduction"], world_size=launch["world_size"],
+                      backend=launch["backend"], device=launch["device"])
 
 
 def summary(rd: RunDir) -> str:

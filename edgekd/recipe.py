@@ -126,7 +126,8 @@ class ExportTolerance(_Section):
 
 
 class ExportConfig(_Section):
-    formats: list[Literal["onnx", "tflite"]] = Field(default_factory=lambda: ["onnx", "tflite"])
+    formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite"],
+                               description="onnx, tflite or any registered export backend (checked by the export)")
     quantize: list[Literal["fp16", "int8", "dynamic"]] = Field(default_factory=lambda: ["int8"])
     nhwc: bool = False
     int8_io: Literal["float32", "int8", "uint8"] = "float32"
@@ -134,6 +135,16 @@ class ExportConfig(_Section):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     teacher: bool = Field(True, description="also export the teacher (fp32) for comparison")
     tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
+
+    @field_validator("formats")
+    @classmethod
+    def _format_names(cls, v: list[str]) -> list[str]:
+        # Names only: which formats exist is the export stage's registry (edgekd.export.list_backends), which
+        # this ground-floor module must not import; the export checks them, with a did-you-mean hint.
+        names = [str(f).strip().lower() for f in v]
+        if any(not n for n in names):
+            raise ValueError("an export format name is empty")
+        return list(dict.fromkeys(names))
 
 
 class ValidateConfig(_Section):

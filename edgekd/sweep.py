@@ -61,11 +61,9 @@ def search_space(name: str) -> dict[str, tuple[float, float, bool]]:
     Raises:
         RecipeError: Unknown loss, or a loss with nothing to tune.
     """
-    if name not in losses._LOSSES:
-        losses.build(name)  # raises the registry's one-line error with a suggestion
-    space = getattr(losses._LOSSES[name], "search_space", None)
+    space = getattr(losses.get_loss(name), "search_space", None)  # unknown names: one-line error with a hint
     if not space:
-        tunable = sorted(n for n, c in losses._LOSSES.items() if getattr(c, "search_space", None))
+        tunable = [n for n in losses.list_losses() if getattr(losses.get_loss(n), "search_space", None)]
         raise RecipeError(f"edgekd sweep cannot tune loss {name!r}", f"tunable losses: {', '.join(tunable)} (--losses)")
     return dict(space)
 
@@ -108,7 +106,7 @@ def _open_storage(url: str):
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors have many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RecipeError(f"cannot open the study storage {url!r}: {first}",
-                          "pass an Optuna storage URL such as sqlite:///study.db") from None
+                          "pass an Optuna storage URL such as sqlite:///study.db") from e
 
 
 def run_sweep(recipe: Recipe, trials: int, out: str | Path | None = None, storage: str | None = None,
@@ -137,12 +135,41 @@ def run_sweep(recipe: Recipe, trials: int, out: str | Path | None = None, storag
     """
     import optuna
 
-    from edgekd.data import load_data
-    from edgekd.distill.features import setup_feature_loss
-    from edgekd.distill.pipeline import _build, _History, build_teachers, train_teachers
-    from edgekd.distill.strategies import check_strategy
-    from edgekd.distill.trainer import fit
-    from edgekd.models import load_weights
+    loss_names = _check_sweep(recipe, trials, loss_names)
+    study_name = study_name or f"{recipe.name}-sweep"
+    out = Path(out) if out is not None else DEFAULT_OUT / study_name
+    out.mkdir(parents=True, exist_ok=True)
+    storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    epochs = recipe.distill.epochs
+    pruner = pruner or optuna.pruners.MedianPruner(
+        n_startup_trials=pruner_startup_trials,
+        n_warmup_steps=max(1, epochs // 4) if pruner_warmup_epochs is None else pruner_warmup_epochs)
+    study = _open_study(recipe, loss_names, storage_url, study_name, pruner)
+
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    todo = trials - len(study.get_trials(deepcopy=False, states=finished_states))
+    ran = 0
+    if todo > 0:
+        objective = _Objective(recipe, loss_names, out, allow_pickle, quiet)
+
+        def progress(study_, frozen) -> None:
+            nonlocal ran
+            ran += 1
+            if not quiet:
+                value = "-" if frozen.value is None else f"{frozen.value:.4f}"
+                last = max(frozen.intermediate_values) if frozen.intermediate_values else 0
+                print(f"trial {frozen.number}: {frozen.state.name.lower()} val_acc {value} (epochs {last})  "
+                      f"{frozen.user_attrs.get('loss')}", flush=True)
+
+        study.optimize(objective, n_trials=todo, catch=(TrainingError,),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states), progress])
+
+    return _write_outputs(study, recipe, out, storage_url, ran)
+
+
+def _check_sweep(recipe: Recipe, trials: int, loss_names: list[str] | None) -> list[str]:
+    """Refuse what a sweep cannot run; return the losses to choose from (default: the recipe's)."""
+    from edgekd.training import check_strategy
 
     if trials < 1:
         raise RecipeError(f"--trials must be at least 1, got {trials}")
@@ -159,18 +186,16 @@ def run_sweep(recipe: Recipe, trials: int, out: str | Path | None = None, storag
                 losses.build(name)
             except RecipeError as e:
                 raise RecipeError(f"--losses {name}: {e.message}",
-                                  f"make {name} the recipe's distill.loss (with its layers) to tune it") from None
-    study_name = study_name or f"{recipe.name}-sweep"
-    out = Path(out) if out is not None else DEFAULT_OUT / study_name
-    out.mkdir(parents=True, exist_ok=True)
-    storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+                                  f"make {name} the recipe's distill.loss (with its layers) to tune it") from e
+    return loss_names
 
+
+def _open_study(recipe: Recipe, loss_names: list[str], storage_url: str, study_name: str, pruner):
+    """Create or load the study; a study started with another recipe or losses is refused."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     fingerprint = _fingerprint(recipe, loss_names)
-    epochs = recipe.distill.epochs
-    pruner = pruner or optuna.pruners.MedianPruner(
-        n_startup_trials=pruner_startup_trials,
-        n_warmup_steps=max(1, epochs // 4) if pruner_warmup_epochs is None else pruner_warmup_epochs)
     try:
         study = optuna.create_study(storage=_open_storage(storage_url), study_name=study_name, direction="maximize",
                                     pruner=pruner, load_if_exists=True)
@@ -178,7 +203,7 @@ def run_sweep(recipe: Recipe, trials: int, out: str | Path | None = None, storag
         raise
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RecipeError(f"cannot open study {study_name!r} in {storage_url}: {first}") from None
+        raise RecipeError(f"cannot open study {study_name!r} in {storage_url}: {first}") from e
     started_with = study.user_attrs.get("edgekd_fingerprint")
     if started_with is None:
         study.set_user_attr("edgekd_fingerprint", fingerprint)
@@ -188,61 +213,58 @@ def run_sweep(recipe: Recipe, trials: int, out: str | Path | None = None, storag
                           "use the same recipe and options to continue it, or another --study-name / --out")
     # Seeded by the study's length so a continued study does not replay the first run's random start.
     study.sampler = optuna.samplers.TPESampler(seed=recipe.seed + len(study.trials))
+    return study
 
-    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    todo = trials - len(study.get_trials(deepcopy=False, states=finished_states))
-    ran = 0
-    if todo > 0:
-        data = load_data(recipe.data, recipe.seed)
+
+class _Objective:
+    """One trial: distill the recipe's student with sampled loss settings; its best validation accuracy.
+
+    Built once per sweep run: the data are loaded and the teacher is trained once per sweep folder
+    (``<out>/teacher.pt``; an interrupted teacher continues, a finished one is loaded).
+    """
+
+    def __init__(self, recipe: Recipe, loss_names: list[str], out: Path, allow_pickle: bool, quiet: bool):
+        from edgekd.data import load_data
+        from edgekd.training.callbacks import HistoryFile
+        from edgekd.training.features import setup_feature_loss
+        from edgekd.training.roles import build_model_for, build_teachers, train_teachers
+
+        self.recipe, self.loss_names, self.out, self.allow_pickle = recipe, loss_names, out, allow_pickle
+        self.base_loss = dict(recipe.distill.loss)
+        self.data = data = load_data(recipe.data, recipe.seed)
         rd = RunDir(out)
         write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         teachers = build_teachers(recipe, data, allow_pickle)
         scfg = recipe.student
-        probe = losses.build_from_config(base_loss)
+        probe = losses.build_from_config(self.base_loss)
         if losses.needs_features(probe):  # wrong layer paths fail now, not after the teacher has trained
-            setup_feature_loss(probe, _build(scfg.model, scfg.kwargs, data, recipe.seed, "student"),
+            setup_feature_loss(probe, build_model_for(scfg.model, scfg.kwargs, data, recipe.seed, "student"),
                                teachers["teacher"], data.train[0][0].unsqueeze(0), recipe.seed)
-        # Trained once per sweep folder (resume=True loads a finished teacher.pt or continues an interrupted one).
-        teacher, _ = train_teachers(recipe, teachers, data, rd, _History(rd), resume=True, quiet=quiet)
+        self.teacher, _ = train_teachers(recipe, teachers, data, rd, HistoryFile(rd / "history.csv"), resume=True,
+                                         quiet=quiet)
 
-        def objective(trial) -> float:
-            config = suggest_loss(trial, loss_names, base_loss)
-            loss_fn = losses.build_from_config(config)
-            trial.set_user_attr("loss", config)
-            student = _build(scfg.model, scfg.kwargs, data, recipe.seed, "student")
-            if scfg.checkpoint:
-                load_weights(student, scfg.checkpoint, allow_pickle=allow_pickle)
+    def __call__(self, trial) -> float:
+        from edgekd.models import load_weights
+        from edgekd.training import FitConfig, OptunaPruning, loop
+        from edgekd.training.roles import build_model_for
 
-            def report(row: dict[str, Any]) -> None:
-                if row["model"] != "student":
-                    return
-                trial.report(row["val_accuracy"], row["epoch"])
-                # After the last epoch the trial is complete: stopping it then would save nothing.
-                if row["epoch"] < epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"val accuracy {row['val_accuracy']:.4f} at epoch {row['epoch']}")
-
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory(dir=out, prefix=".trial-") as tmp:
-                result = fit("student", student, data, recipe.distill, loss_fn, seed=recipe.seed,
-                             state_path=Path(tmp) / "student.state.pt", teacher=teacher,
-                             cache_teacher=recipe.distill.cache_teacher, quiet=True, on_epoch=report)
-            trial.set_user_attr("best_epoch", result.best_epoch)
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
-            return result.best_val_accuracy
-
-        def progress(study_, frozen) -> None:
-            nonlocal ran
-            ran += 1
-            if not quiet:
-                value = "-" if frozen.value is None else f"{frozen.value:.4f}"
-                last = max(frozen.intermediate_values) if frozen.intermediate_values else 0
-                print(f"trial {frozen.number}: {frozen.state.name.lower()} val_acc {value} (epochs {last})  "
-                      f"{frozen.user_attrs.get('loss')}", flush=True)
-
-        study.optimize(objective, n_trials=todo, catch=(TrainingError,),
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states), progress])
-
-    return _write_outputs(study, recipe, out, storage_url, ran)
+        recipe, scfg = self.recipe, self.recipe.student
+        config = suggest_loss(trial, self.loss_names, self.base_loss)
+        loss_fn = losses.build_from_config(config)
+        trial.set_user_attr("loss", config)
+        student = build_model_for(scfg.model, scfg.kwargs, self.data, recipe.seed, "student")
+        if scfg.checkpoint:
+            load_weights(student, scfg.checkpoint, allow_pickle=self.allow_pickle)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=self.out, prefix=".trial-") as tmp:
+            fit_config = FitConfig(role="student", train=recipe.distill, seed=recipe.seed,
+                                   state_path=Path(tmp) / "student.state.pt", quiet=True,
+                                   cache_teacher=recipe.distill.cache_teacher)
+            result = loop.fit(student, self.data, loss_fn, fit_config, teacher=self.teacher,
+                              callbacks=[OptunaPruning(trial, "student", recipe.distill.epochs)])
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+        return result.best_val_accuracy
 
 
 def _write_outputs(study, recipe: Recipe, out: Path, storage_url: str, ran: int) -> SweepResult:

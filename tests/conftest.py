@@ -58,21 +58,23 @@ def ctrl_c_after(role: str, epoch: int):
     SIGINT between epochs would, after that epoch's checkpoint was written. A thread calling
     ``_thread.interrupt_main()`` when a file appears races the training on a fast or a loaded machine.
     """
-    from edgekd.distill import trainer
+    from edgekd.training import Callback, loop
 
-    real_fit = trainer.fit
+    real_fit = loop.fit
 
-    def fit(fit_role, *args, on_epoch=None, **kwargs):
-        def hook(row):
-            if on_epoch is not None:
-                on_epoch(row)
-            if fit_role == role and row.get("model") == role and row.get("epoch") == epoch:
+    class CtrlC(Callback):
+        def __init__(self, fit_role):
+            self.fit_role = fit_role
+
+        def on_epoch_end(self, row):
+            if self.fit_role == role and row.get("model") == role and row.get("epoch") == epoch:
                 raise KeyboardInterrupt
 
-        return real_fit(fit_role, *args, on_epoch=hook, **kwargs)
+    def fit(model, data, loss_fn, config, *, callbacks=(), **kwargs):
+        return real_fit(model, data, loss_fn, config, callbacks=[*callbacks, CtrlC(config.role)], **kwargs)
 
-    trainer.fit = fit
+    loop.fit = fit
     try:
         yield
     finally:
-        trainer.fit = real_fit
+        loop.fit = real_fit

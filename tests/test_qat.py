@@ -15,9 +15,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _run_models(run):
-    from edgekd.export.pipeline import _model_from_checkpoint
+    from edgekd.models import load_model
 
-    return _model_from_checkpoint(run / "student.pt"), _model_from_checkpoint(run / "teacher.pt")
+    return load_model(run / "student.pt").eval(), load_model(run / "teacher.pt").eval()
 
 
 def _data(tmp_path):

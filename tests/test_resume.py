@@ -93,7 +93,7 @@ def test_fit_resume_with_dropout_and_a_cached_teacher_is_exact(tmp_path):
     # run must restore the RNG after that draw, or dropout masks (and so the weights) differ.
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, PeerTeacher, fit
     from edgekd.models import create_model
     from edgekd.recipe import TrainConfig, load_recipe
 
@@ -117,8 +117,9 @@ def test_fit_resume_with_dropout_and_a_cached_teacher_is_exact(tmp_path):
         model.load_state_dict(start)
         torch.manual_seed(1)
         try:
-            fit("student", model, data, cfg, losses.build("kd", temperature=4.0, alpha=0.9), seed=1,
-                state_path=state_path, teacher=teacher, quiet=True, resume=resume, on_epoch=on_epoch)
+            fit(model, data, losses.build("kd", temperature=4.0, alpha=0.9),
+                FitConfig("student", cfg, seed=1, state_path=state_path, quiet=True, resume=resume),
+                teacher=teacher, callbacks=[OnEpoch(on_epoch)] if on_epoch else [])
         except Stop:
             pass
         return model.state_dict()

@@ -46,7 +46,7 @@ def _state(path):
 
 
 def test_ensemble_combines_logits_or_probabilities_with_weights():
-    from edgekd.distill.strategies import TeacherEnsemble
+    from edgekd.training import TeacherEnsemble
 
     class Fixed(torch.nn.Module):
         def __init__(self, out):
@@ -76,8 +76,8 @@ def test_ensemble_combines_logits_or_probabilities_with_weights():
 
 def test_multi_teacher_run_trains_each_teacher_and_learns_from_their_weighted_targets(tmp_path):
     from edgekd.data import load_data
-    from edgekd.distill.strategies import TeacherEnsemble
-    from edgekd.distill.trainer import evaluate
+    from edgekd.training import TeacherEnsemble
+    from edgekd.training import evaluate
     from edgekd.models import build_model, load_weights
     from edgekd.recipe import load_recipe
 
@@ -107,7 +107,7 @@ def test_multi_teacher_run_trains_each_teacher_and_learns_from_their_weighted_ta
 
 def test_teachers_of_one_architecture_start_from_different_weights(tmp_path):
     from edgekd.data import load_data
-    from edgekd.distill.pipeline import build_teachers
+    from edgekd.training.roles import build_teachers
     from edgekd.recipe import load_recipe
 
     same = {"model": "cnn", "kwargs": {"width": 4, "depth": 2}}
@@ -143,7 +143,7 @@ def test_online_trains_teacher_and_student_together(tmp_path):
 def test_online_resume_matches_uninterrupted(tmp_path):
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, PeerTeacher, fit
     from edgekd.models import build_model
     from edgekd.recipe import DataConfig, TrainConfig
 
@@ -157,8 +157,8 @@ def test_online_resume_matches_uninterrupted(tmp_path):
 
     loss = losses.build("kd", temperature=2.0, alpha=0.5)
     ta, sa = pair()
-    full = fit("student", sa, data, cfg, loss, seed=0, state_path=tmp_path / "a.pt", teacher=ta, quiet=True,
-               train_teacher=True)
+    full = fit(sa, data, loss, FitConfig("student", cfg, seed=0, state_path=tmp_path / "a.pt", quiet=True),
+               teacher=PeerTeacher(ta))
     assert full.peer is not None and len(full.peer.history) == 3
 
     class Stop(Exception):
@@ -170,11 +170,11 @@ def test_online_resume_matches_uninterrupted(tmp_path):
 
     tb, sb = pair()
     with pytest.raises(Stop):
-        fit("student", sb, data, cfg, loss, seed=0, state_path=tmp_path / "b.pt", teacher=tb, quiet=True,
-            train_teacher=True, on_epoch=stop)
+        fit(sb, data, loss, FitConfig("student", cfg, seed=0, state_path=tmp_path / "b.pt", quiet=True),
+            teacher=PeerTeacher(tb), callbacks=[OnEpoch(stop)])
     tb, sb = pair()
-    fit("student", sb, data, cfg, loss, seed=0, state_path=tmp_path / "b.pt", teacher=tb, quiet=True,
-        train_teacher=True, resume=True)
+    fit(sb, data, loss, FitConfig("student", cfg, seed=0, state_path=tmp_path / "b.pt", quiet=True, resume=True),
+        teacher=PeerTeacher(tb))
     for a, b in ((sa, sb), (ta, tb)):
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 

@@ -116,7 +116,7 @@ def test_missing_or_incomplete_local_directory(tmp_path):
 def test_hidden_state_distillation_with_projection(tmp_path):
     from edgekd import losses
     from edgekd.data import load_data
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, PeerTeacher, fit
     from edgekd.recipe import DataConfig, TrainConfig
 
     data = load_data(DataConfig(dataset="digits", limit=300, batch_size=32), seed=0)
@@ -124,15 +124,15 @@ def test_hidden_state_distillation_with_projection(tmp_path):
     teacher = build_model("hf_vit", (1, 8, 8), 10, {**VIT_T, "hidden_size": 64}).eval()
     student = build_model("hf_vit", (1, 8, 8), 10, {**VIT_T, "num_hidden_layers": 2})
     loss_fn = losses.build("fitnets", student_layer="hidden_states.2", teacher_layer="hidden_states.4", beta=1.0)
-    result = fit("student", student, data, TrainConfig(epochs=1, lr=0.002), loss_fn, seed=0,
-                 state_path=tmp_path / "s.pt", teacher=teacher, quiet=True)
+    result = fit(student, data, loss_fn, FitConfig("student", TrainConfig(epochs=1, lr=0.002), seed=0,
+                 state_path=tmp_path / "s.pt", quiet=True), teacher=teacher)
     proj = loss_fn.projections[0]
     # Tokens are laid out (hidden, tokens, 1): a 1x1 conv = one linear map 32 -> 64 shared by the 5 tokens.
     assert isinstance(proj, torch.nn.Conv2d) and (proj.in_channels, proj.out_channels) == (32, 64)
     assert np.isfinite(result.history[0]["train_loss"])
     # (transformers itself keeps hooks on its layers to record outputs; only edgekd's taps must be gone)
     assert not any(m._forward_hooks for m in student.hidden_states), "taps must be gone after training"
-    from edgekd.distill.features import probe_shapes
+    from edgekd.training.features import probe_shapes
 
     assert probe_shapes(student, ["hidden_states.0"], data.train[0][0][None], "student") == {"hidden_states.0": (32, 5, 1)}
     # Training moved the projection away from its (seeded) initialization.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from edgekd.data.common import label_names as _label_names
+from edgekd.data.common import need_path as _need_path
 from edgekd.errors import DataError
 from edgekd.recipe import DataConfig
 
@@ -107,7 +108,7 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
                                       stratify=labels[rest] if stratify_ok else None)
     except ValueError as e:
         raise DataError(f"cannot split {len(labels)} samples into train/val/test: {e}",
-                        "use more data or smaller data.val_fraction / data.test_fraction") from None
+                        "use more data or smaller data.val_fraction / data.test_fraction") from e
     return np.sort(train), np.sort(val), np.sort(test)
 
 
@@ -133,20 +134,6 @@ def _read_digits(cfg: DataConfig):
     return _in_memory(x), len(x), d.target.astype(np.int64), [str(i) for i in range(10)], "digits (sklearn)"
 
 
-def _need_path(cfg: DataConfig) -> Path:
-    if not cfg.path:
-        raise DataError(f"data.dataset={cfg.dataset} needs data.path", f"set data.path to the {cfg.dataset} file or folder")
-    path = Path(cfg.path).expanduser()
-    if not path.exists():
-        raise DataError(f"data.path {path} does not exist")
-    return path
-
-
-def _label_names(raw_labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    names, y = np.unique(raw_labels, return_inverse=True)
-    return y.astype(np.int64), [str(n) for n in names]
-
-
 def _read_npz(cfg: DataConfig):
     path = _need_path(cfg)
     try:
@@ -158,7 +145,7 @@ def _read_npz(cfg: DataConfig):
     except DataError:
         raise
     except Exception as e:  # zipfile/pickle/format errors all mean the same to a user
-        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from e
     if len(x) != len(y):
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
     if x.ndim not in (2, 3, 4):
@@ -184,7 +171,7 @@ def _read_csv(cfg: DataConfig):
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read CSV {path}: {e}") from None
+        raise DataError(f"cannot read CSV {path}: {e}") from e
     if len(rows) < 2:
         raise DataError(f"CSV {path} needs a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
@@ -200,9 +187,9 @@ def _read_csv(cfg: DataConfig):
             raise DataError(f"CSV {path} line {n} has {len(row)} fields, the header has {len(header)}")
         try:
             feats.append([float(v) for j, v in enumerate(row) if j != li])
-        except ValueError:
+        except ValueError as e:
             raise DataError(f"CSV {path} line {n} has a non-numeric feature",
-                            "encode categorical features as numbers first") from None
+                            "encode categorical features as numbers first") from e
         raw_labels.append(row[li].strip())
     x = np.asarray(feats, dtype=np.float32)
     y, names = _label_names(np.asarray(raw_labels))
@@ -240,7 +227,7 @@ def _read_folder(cfg: DataConfig):
                     im = im.resize(size, Image.BILINEAR)
                 a = np.asarray(im, dtype=np.float32) / 255.0
         except OSError as e:
-            raise DataError(f"cannot read image {files[i]}: {e}") from None
+            raise DataError(f"cannot read image {files[i]}: {e}") from e
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
     return read, len(files), np.asarray(labels, dtype=np.int64), classes, f"folder {root}"

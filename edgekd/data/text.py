@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgekd.data.common import label_names, need_path
 from edgekd.errors import DataError
 
 TEXT_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -65,7 +66,7 @@ class _HFTokenizer:
         except (OSError, ValueError, ImportError) as e:
             first = (str(e).strip().splitlines() or [""])[0][:160]
             raise DataError(f"cannot load the tokenizer in {path}: {first}",
-                            "data.tokenizer must be a local folder written by save_pretrained, or `bytes`") from None
+                            "data.tokenizer must be a local folder written by save_pretrained, or `bytes`") from e
         self.vocab_size = len(self.tok)
         self.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
 
@@ -103,21 +104,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {n} is not JSON ({e.msg})") from None
+                        raise DataError(f"{path} line {n} is not JSON ({e.msg})") from e
                     if not isinstance(row, dict):
                         raise DataError(f"{path} line {n} is not a JSON object")
                     rows.append(row)
                 return rows
             return list(csv.DictReader(f, delimiter="\t" if kind == "tsv" else ","))
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read text file {path}: {e}") from None
+        raise DataError(f"cannot read text file {path}: {e}") from e
 
 
 def read_text(cfg) -> tuple[Callable[[int], np.ndarray], int, np.ndarray, list[str], str]:
     """The ``text`` dataset reader: ``(read(i), n, labels, label names, source)`` like the other readers."""
-    from edgekd.data.core import _label_names, _need_path
-
-    path = _need_path(cfg)
+    path = need_path(cfg)
     rows = read_rows(path)
     if not rows:
         raise DataError(f"text file {path} holds no rows")
@@ -135,7 +134,7 @@ def read_text(cfg) -> tuple[Callable[[int], np.ndarray], int, np.ndarray, list[s
         raw_labels.append(str(label).strip())
     tok = get_tokenizer(cfg.tokenizer)
     ids = np.stack([tok.encode(t, cfg.max_length) for t in texts]).astype(np.float32)
-    y, names = _label_names(np.asarray(raw_labels))
+    y, names = label_names(np.asarray(raw_labels))
     name = "bytes" if isinstance(tok, ByteTokenizer) else str(cfg.tokenizer)
     return (lambda i: ids[i]), len(ids), y, names, f"text {path} (tokenizer {name}, max_length {cfg.max_length})"
 

@@ -107,12 +107,10 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def tool_versions(fmt: str) -> dict[str, str]:
-    """Versions of the tools that write and check files of one format (recorded in metadata.json)."""
+def tool_versions(names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Versions of torch and of the installed distributions ``names`` (recorded in metadata.json)."""
     import torch
 
-    names = {"onnx": ["onnx", "onnxscript", "onnxslim", "onnxruntime"],
-             "tflite": ["litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torchao"]}[fmt]
     out = {"torch": torch.__version__}
     for name in names:
         v = _version(name)

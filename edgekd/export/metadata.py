@@ -1,7 +1,8 @@
 """``metadata.json``: what an app (or bench/validate/device scripts) needs to run every exported file.
 
 Input/output names, shapes, dtypes and quantization parameters are read back from the runtimes
-(onnxruntime, LiteRT's interpreter), never assumed from what the exporter was asked to do.
+(onnxruntime, LiteRT's interpreter), never assumed from what the exporter was asked to do: each file's
+export backend (:mod:`edgekd.export.backends`) describes it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import RunDirError
-from edgekd.export.common import tool_versions
+from edgekd.export.backends import backend_for
 from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -18,15 +19,8 @@ METADATA = "metadata.json"
 
 
 def describe_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Input and output specs of a model file as its runtime reports them."""
-    fmt = path.suffix.lstrip(".")
-    if fmt == "onnx":
-        from edgekd.export.onnx import describe_onnx
-
-        return describe_onnx(path)
-    from edgekd.export.tflite import describe_tflite
-
-    return describe_tflite(path)
+    """Input and output specs of a model file as its runtime reports them (asked of the file's backend)."""
+    return backend_for(path).io_spec(Path(path))
 
 
 def build_entry(path: Path, model: str, precision: str, layout: str, normalization: dict[str, Any],
@@ -43,14 +37,13 @@ def build_entry(path: Path, model: str, precision: str, layout: str, normalizati
         route: The tool chain that produced the file.
         **extra: Further keys (e.g. ``routes_tried``).
     """
-    fmt = path.suffix.lstrip(".")
-    inp, out = describe_file(path)
-    inp["layout"] = layout
+    desc = backend_for(path).describe(Path(path))
+    desc["input"]["layout"] = layout
     return {
-        "file": path.name, "model": model, "format": fmt, "precision": precision,
-        "input": inp, "output": out, "normalization": normalization, "labels": list(labels),
+        "file": path.name, "model": model, "format": desc["format"], "precision": precision,
+        "input": desc["input"], "output": desc["output"], "normalization": normalization, "labels": list(labels),
         "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "route": route,
-        "tool_versions": tool_versions(fmt), **extra,
+        "tool_versions": desc["tool_versions"], **extra,
     }
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import ExportError
+from edgekd.export.backends import ExportBackend, QuantizeJob, register_backend
 from edgekd.export.common import conversion_error, quiet
 from edgekd.run_dir import atomic_path
 
@@ -59,7 +60,7 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, what: str = 
                                         output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
                                         verbose=False, optimize=True)
     except Exception as e:
-        raise conversion_error("onnx", what, e, "torch.onnx") from None
+        raise conversion_error("onnx", what, e, "torch.onnx") from e
     proto = program.model_proto
     if proto.ByteSize() >= _PROTOBUF_LIMIT:
         raise ExportError(f"onnx export of {what}: the model is over 2 GB, too large for one self-contained file")
@@ -69,7 +70,7 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, what: str = 
             slim = onnxslim.slim(proto)
             onnx.checker.check_model(slim, full_check=True)
     except Exception as e:
-        raise conversion_error("onnx", what, e, "onnx.checker/onnxslim") from None
+        raise conversion_error("onnx", what, e, "onnx.checker/onnxslim") from e
     with atomic_path(path) as tmp:
         onnx.save_model(slim, str(tmp), save_as_external_data=False)
     return ROUTE_FP32
@@ -113,7 +114,7 @@ def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, calib: np.nda
         onnx.checker.check_model(proto)
     except Exception as e:
         raise ExportError(f"{Path(fp32_path).name} is not a valid ONNX file ({type(e).__name__}); "
-                          "it may be truncated or damaged", "export it again with `edgekd export`") from None
+                          "it may be truncated or damaged", "export it again with `edgekd export`") from e
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if precision == "int8" and method not in methods:
@@ -154,7 +155,7 @@ def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, calib: np.nda
         except ExportError:
             raise
         except Exception as e:
-            raise conversion_error(f"onnx {precision}", Path(fp32_path).name, e, "onnxruntime") from None
+            raise conversion_error(f"onnx {precision}", Path(fp32_path).name, e, "onnxruntime") from e
         with atomic_path(out_path) as tmp:
             tmp.write_bytes(result.read_bytes())
     return route
@@ -190,7 +191,7 @@ def describe_onnx(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {str(e).strip().splitlines()[0][:200]}") from None
+        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {str(e).strip().splitlines()[0][:200]}") from e
     return _io_spec(sess.get_inputs()[0]), _io_spec(sess.get_outputs()[0])
 
 
@@ -261,3 +262,33 @@ def onnx_layers(path: Path, x: np.ndarray) -> list[tuple[str, str, str, np.ndarr
             continue
         layers[name] = (op, name, label, np.asarray(values[name], np.float32))
     return list(layers.values())
+
+
+# -- the backend ------------------------------------------------------------------------------------------
+
+class OnnxBackend(ExportBackend):
+    """ONNX files: fp32 by torch.onnx (dynamo) + onnxslim; fp16/int8/dynamic by ONNX Runtime's tools."""
+
+    name = "onnx"
+    suffix = ".onnx"
+    routes = {"fp32": (ROUTE_FP32,), "fp16": ("onnxruntime",), "int8": ("onnxruntime",),
+              "dynamic": ("onnxruntime",)}
+    tools = ("onnx", "onnxscript", "onnxslim", "onnxruntime")
+    channel_axis = 1
+    runtime = "onnxruntime"
+
+    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str) -> str:
+        return export_onnx(model, sample, path, what=what)
+
+    def quantize(self, route: str, job: QuantizeJob) -> str:
+        return quantize_onnx(job.fp32_path, job.path, job.precision, job.calibration,
+                             job.settings.calibration_method)
+
+    def io_spec(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        return describe_onnx(path)
+
+    def layer_outputs(self, path: Path, x: np.ndarray) -> list[tuple]:
+        return onnx_layers(path, x)
+
+
+register_backend(OnnxBackend())

@@ -25,12 +25,12 @@ from torch import nn
 from edgekd.errors import ArtifactChanged, CheckFailed, EdgeKDError, ExportError, RecipeError, RunDirError
 from edgekd.export import metadata as meta_mod
 from edgekd.export import parity
+from edgekd.export.backends import PRECISIONS, ExportBackend, QuantizeJob, backend_for, get_backend, list_backends
+from edgekd.models import load_model
 from edgekd.recipe import ExportConfig, Recipe
 from edgekd.run_dir import METRICS, RunDir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 
-FORMATS = ("onnx", "tflite")
-QUANT_PRECISIONS = ("fp16", "int8", "dynamic")
-PRECISIONS = ("fp32",) + QUANT_PRECISIONS
+QUANT_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")
 # Samples run through both files when looking for the first diverging layer (every tensor is kept).
 _LAYER_SAMPLES = 32
 
@@ -102,35 +102,17 @@ def _load_recipe(rd: RunDir) -> Recipe | None:
     return validate_recipe(read_yaml(path), source=str(path))
 
 
-def _model_from_checkpoint(path: Path) -> nn.Module:
-    from edgekd.models import build_model, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    spec = ckpt.get("model")
-    if not isinstance(spec, dict) or "input_shape" not in ckpt:
-        raise RunDirError(f"{path} is not an edgekd checkpoint (no model spec)",
-                          "export works on run directories written by `edgekd distill`")
-    model = build_model(spec["spec"], tuple(ckpt["input_shape"]), int(ckpt["num_classes"]), spec.get("kwargs"))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
-
-
 def student_target(rd: RunDir) -> Target:
     """The best student of the run: the pruned one if the run has it, else the distilled one."""
     artifacts = rd.manifest().get("artifacts", {})
     pruned = sorted(a for a in artifacts if a.startswith("student_pruned"))
     if pruned and (rd / pruned[0]).exists():
-        try:
-            from edgekd.prune import load_pruned_model
-        except ImportError:
-            load_pruned_model = None
-        if load_pruned_model is not None:
-            return Target("student_pruned", load_pruned_model(rd.path).eval(), pruned[0])
+        return Target("student_pruned", load_model(rd / pruned[0]), pruned[0])
     if not (rd / "student.pt").is_file():
         status = rd.stage_status("student") or "never started"
         raise RunDirError(f"run {rd.path} has nothing to export: no student.pt (student training: {status})",
                           "finish the run with `edgekd distill --resume --name NAME`, or pick another --run")
-    return Target("student", _model_from_checkpoint(rd / "student.pt"), "student.pt")
+    return Target("student", load_model(rd / "student.pt"), "student.pt")
 
 
 def _check_writable(rd: RunDir) -> None:
@@ -140,7 +122,7 @@ def _check_writable(rd: RunDir) -> None:
         (rd / ".edgekd-write-check").unlink()
     except OSError as e:
         raise RunDirError(f"cannot write to {rd.path}: {e.strerror or e}",
-                          "make the run directory writable, or copy it elsewhere and pass --run") from None
+                          "make the run directory writable, or copy it elsewhere and pass --run") from e
 
 
 class _Session:
@@ -161,10 +143,10 @@ class _Session:
             with np.load(rd / "eval.npz") as ev:
                 self.x = np.asarray(ev["x"], np.float32)
                 self.y = np.asarray(ev["y"], np.int64)
-        except FileNotFoundError:
-            raise RunDirError(f"run {rd.path} has no eval.npz", "run `edgekd distill` again") from None
+        except FileNotFoundError as e:
+            raise RunDirError(f"run {rd.path} has no eval.npz", "run `edgekd distill` again") from e
         except Exception as e:
-            raise RunDirError(f"{rd / 'eval.npz'} is damaged ({type(e).__name__})", "run `edgekd distill` again") from None
+            raise RunDirError(f"{rd / 'eval.npz'} is damaged ({type(e).__name__})", "run `edgekd distill` again") from e
         self._calib: np.ndarray | None = None
         self._refs: dict[str, np.ndarray] = {}
 
@@ -180,10 +162,8 @@ class _Session:
     def sample(self) -> torch.Tensor:
         return torch.from_numpy(self.normalized(self.x[:1]))
 
-    def file_layout(self, fmt: str) -> str:
-        if self.layout == "NCHW" and fmt == "tflite" and self.cfg.nhwc:
-            return "NHWC"
-        return self.layout
+    def file_layout(self, backend: ExportBackend) -> str:
+        return backend.file_layout(self.layout, self.cfg.nhwc)
 
     def calibration(self) -> np.ndarray:
         """Normalized NCHW/NF calibration inputs from the run's training split (loaded once)."""
@@ -213,41 +193,22 @@ class _Session:
 
     # -- verification ---------------------------------------------------------------------------------
     def measure(self, path: Path, entry: dict[str, Any], target: Target) -> dict[str, Any]:
-        from edgekd.runtimes import runtime_for
-
-        from edgekd.export.common import operator_in, quiet
-
-        with quiet():  # interpreters announce their delegates on stderr
-            rt = runtime_for(path, entry)
-            try:
-                out = rt.predict(self.x)
-            except Exception as e:
-                text = str(e).strip()
-                op = operator_in(text)
-                what = f"operator {op} is not supported" if op else (text.splitlines() or [""])[0][:200]
-                raise ExportError(f"{path.name} fails to run in {rt.name}: {what}") from None
-        return parity.compare(self.reference(target), out, self.y)
+        """Run the file on the test split in its runtime and compare it with the PyTorch model."""
+        return parity.compare(self.reference(target), backend_for(path).verify(path, entry, self.x), self.y)
 
     def divergence(self, q_path: Path, q_entry: dict[str, Any], fp32_path: Path,
                    fp32_entry: dict[str, Any]) -> parity.Divergence | None:
         """Compare a quantized file layer by layer with its fp32 file (None if that cannot be done)."""
-        from edgekd.export.common import quiet
         from edgekd.runtimes import prepare_input
 
         x = self.x[:_LAYER_SAMPLES]
+        backend = backend_for(q_path)
         try:
-            if q_path.suffix == ".onnx":
-                from edgekd.export.onnx import onnx_layers
-
-                ref = onnx_layers(fp32_path, prepare_input(x, fp32_entry))
-                q = onnx_layers(q_path, prepare_input(x, q_entry))
-                return parity.first_divergence(ref, q, channel_axis=1)
-            from edgekd.export.tflite import tflite_layers
-
-            with quiet():
-                ref = tflite_layers(fp32_path, prepare_input(x, fp32_entry))
-                q = tflite_layers(q_path, prepare_input(x, q_entry))
-            return parity.first_divergence(ref, q, channel_axis=-1)
+            ref = backend.layer_outputs(fp32_path, prepare_input(x, fp32_entry))
+            q = backend.layer_outputs(q_path, prepare_input(x, q_entry))
+            if ref is None or q is None:
+                return None
+            return parity.first_divergence(ref, q, channel_axis=backend.channel_axis)
         except EdgeKDError:
             raise
         except Exception as e:  # diagnosis must never hide the verification result itself
@@ -299,19 +260,13 @@ class _Exporter:
                 s.log(f"  {extra['divergence']['description']}")
 
     def export_fp32(self, target: Target, fmt: str) -> bool:
-        """Write and verify ``<target>_fp32.<fmt>``; return whether a file was written."""
+        """Write and verify ``<target>_fp32<suffix>`` of format ``fmt``; return whether a file was written."""
         s = self.s
-        path = s.rd / f"{target.name}_fp32.{fmt}"
-        layout = s.file_layout(fmt)
+        backend = get_backend(fmt)
+        path = s.rd / f"{target.name}_fp32{backend.suffix}"
+        layout = s.file_layout(backend)
         try:
-            if fmt == "onnx":
-                from edgekd.export.onnx import export_onnx
-
-                route = export_onnx(target.model, s.sample(), path, what=target.name)
-            else:
-                from edgekd.export.tflite import export_tflite
-
-                route = export_tflite(target.model, s.sample(), path, nhwc=layout == "NHWC", what=target.name)
+            route = backend.export(target.model, s.sample(), path, layout=layout, what=target.name)
             entry = meta_mod.build_entry(path, target.name, "fp32", layout, s.norm, s.labels, route)
             numbers = s.measure(path, entry, target) if s.verify else None
         except ExportError as e:
@@ -328,23 +283,24 @@ class _Exporter:
     def quantize(self, target: Target, fmt: str, precision: str, fp32_entry: dict[str, Any]) -> None:
         """Write and verify ``<target>_<precision>.<fmt>`` from the fp32 file (falling back between routes)."""
         s = self.s
+        backend = get_backend(fmt)
         fp32_path = s.rd / fp32_entry["file"]
-        path = s.rd / f"{target.name}_{precision}.{fmt}"
+        path = s.rd / f"{target.name}_{precision}{backend.suffix}"
         layout = fp32_entry["input"]["layout"]
+        try:
+            routes = list(backend.routes_for(precision))
+        except ExportError as e:  # a format without this precision: the other files are still written
+            self.r.failures.append(str(e))
+            s.log(f"{path.name:28s} not written: {e}")
+            return
         calib = s.calibration() if precision == "int8" else None
-        if fmt == "onnx":
-            routes: list[str] = ["onnxruntime"]
-        elif precision == "fp16":
-            routes = ["ai-edge-quantizer"]
-        else:
-            from edgekd.export.tflite import TFLITE_DYNAMIC_ROUTES, TFLITE_ROUTES
-
-            routes = list(TFLITE_DYNAMIC_ROUTES if precision == "dynamic" else TFLITE_ROUTES)
+        job = QuantizeJob(target.model, s.sample(), fp32_path, path, precision, layout, calib, s.cfg, target.name)
         attempts: list[str] = []
         best: tuple[tuple, bytes, dict[str, Any], dict[str, Any] | None, str | None] | None = None
         for route in routes:
             try:
-                entry = self._run_route(route, target, fmt, precision, fp32_path, path, layout, calib)
+                route_name = backend.quantize(route, job)
+                entry = meta_mod.build_entry(path, target.name, precision, layout, s.norm, s.labels, route_name)
                 numbers = s.measure(path, entry, target) if s.verify else None
             except ExportError as e:
                 attempts.append(f"{route}: {e}" if len(routes) > 1 else str(e))
@@ -382,30 +338,6 @@ class _Exporter:
             self.r.problems.append(f"{path.name}: {problem}{where}")
         self._finish_file(path, entry, target, precision, numbers, problem, extra)
 
-    def _run_route(self, route: str, target: Target, fmt: str, precision: str, fp32_path: Path, path: Path,
-                   layout: str, calib: np.ndarray | None) -> dict[str, Any]:
-        s = self.s
-        if fmt == "onnx":
-            from edgekd.export.onnx import quantize_onnx
-
-            route_name = quantize_onnx(fp32_path, path, precision, calib, s.cfg.calibration_method)
-        elif route == "ai-edge-quantizer":
-            from edgekd.export.tflite import quantize_aeq
-
-            file_calib = None
-            if calib is not None:
-                file_calib = np.ascontiguousarray(calib.transpose(0, 2, 3, 1)) if layout == "NHWC" else calib
-            quantize_aeq(fp32_path, path, precision, file_calib, s.cfg.int8_io)
-            route_name = route if precision != "fp16" else "ai-edge-quantizer-fp16"
-        else:
-            from edgekd.export.tflite import quantize_pt2e
-
-            quantize_pt2e(target.model, s.sample(), path, precision, calib, nhwc=layout == "NHWC",
-                          io_type=s.cfg.int8_io, what=target.name)
-            route_name = route
-        return meta_mod.build_entry(path, target.name, precision, layout, s.norm, s.labels, route_name)
-
-
 def _remove(path: Path) -> None:
     try:
         path.unlink()
@@ -414,16 +346,33 @@ def _remove(path: Path) -> None:
 
 
 def _merge_cfg(rd: RunDir, recipe: Recipe | None, cfg: ExportConfig | None, **overrides: Any) -> ExportConfig:
-    """Export settings: ``cfg`` or the run recipe's ``export`` section or the defaults, then overrides."""
+    """Export settings: ``cfg`` or the run recipe's ``export`` section or the defaults, then overrides.
+
+    Raises:
+        RecipeError: A setting is invalid.
+        ExportError: A format is not a registered export backend.
+    """
     base = cfg or (recipe.export if recipe is not None and recipe.export is not None else ExportConfig())
     data = base.model_dump()
     for key, value in overrides.items():
         if value is not None:
             data[key] = value
     try:
-        return ExportConfig.model_validate(data)
+        merged = ExportConfig.model_validate(data)
     except Exception as e:  # pydantic's message is long; keep the first line
-        raise RecipeError(f"invalid export settings: {str(e).splitlines()[0]} {str(e).splitlines()[-1].strip()}") from None
+        raise RecipeError(f"invalid export settings: {str(e).splitlines()[0]} {str(e).splitlines()[-1].strip()}") from e
+    check_formats(merged.formats)
+    return merged
+
+
+def check_formats(formats: list[str]) -> None:
+    """Check that every format is a registered export backend (``edgekd.export.list_backends()``).
+
+    Raises:
+        ExportError: An unknown format, with the closest registered name as hint.
+    """
+    for name in formats:
+        get_backend(name)
 
 
 def _record(rd: RunDir, stage: str, report: ExportReport, session: _Session, entries: list[dict[str, Any]],
@@ -493,30 +442,13 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     log = log or (print if not quiet else (lambda _msg: None))
     precisions = parse_precisions(quantize, "--quantize") if quantize is not None else None
     if formats is not None:
-        bad = [f for f in formats if f not in FORMATS]
-        if bad:
-            raise ExportError(f"unknown format {bad[0]!r}", f"choose from: {', '.join(FORMATS)}")
+        check_formats(formats)
         if not formats:
-            raise ExportError("no format selected", "pass --onnx and/or --tflite")
+            raise ExportError("no format selected", "pass --format NAME, or --onnx and/or --tflite")
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
-    recipe = _load_recipe(rd)
-    cfg = _merge_cfg(rd, recipe, cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
+    cfg = _merge_cfg(rd, _load_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
                      calibration_method=calibration_method, teacher=teacher)
-    # The checkpoints and the test split that verifies the files are checked against the manifest before they
-    # are loaded: a truncated student.pt is reported as changed (exit 1), not as a corrupt file; missing ones
-    # are reported below.
-    pruned = [a for a in rd.manifest().get("artifacts", {}) if a.startswith("student_pruned")]
-    rd.check_artifacts(["student.pt", "teacher.pt", *pruned, "eval.npz", "data.json"], missing_ok=True)
-    student = student_target(rd)
-    targets = [student]
-    if cfg.teacher:
-        if (rd / "teacher.pt").is_file():
-            targets.append(Target("teacher", _model_from_checkpoint(rd / "teacher.pt"), "teacher.pt"))
-        else:
-            log("teacher.pt not found: exporting the student only")
-    changed = rd.verify_artifacts([t.checkpoint for t in targets])
-    if changed:
-        raise RunDirError(f"cannot export: {'; '.join(changed)}", "run `edgekd distill` again")
+    targets = _export_targets(rd, cfg, log)
     _check_writable(rd)
     session = _Session(rd, cfg, verify, log)
     if cfg.nhwc and session.layout != "NCHW":
@@ -525,24 +457,44 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     rd.stage_started("export")
     report = ExportReport(rd)
     exporter = _Exporter(session, report)
-
-    def work() -> None:
-        for fmt in cfg.formats:
-            for target in targets:
-                written = exporter.export_fp32(target, fmt)
-                if not written or target.name == "teacher":
-                    continue
-                fp32_entry = exporter.entries[-1]
-                for precision in cfg.quantize:
-                    exporter.quantize(target, fmt, precision, fp32_entry)
-
-    _run_and_record(work, rd, "export", report, session, exporter, t0)
+    _run_and_record(lambda: _export_all(exporter, cfg, targets), rd, "export", report, session, exporter, t0)
     if cfg.quantize and report.ok:
         # Export quantized the student too; record it so `edgekd run` does not quantize the same files again.
         rd.stage_done("quantize", via="export", precisions=list(cfg.quantize))
     if check:
         report.raise_for_problems()
     return report
+
+
+def _export_targets(rd: RunDir, cfg: ExportConfig, log: Log) -> list[Target]:
+    """The models to export (best student, teacher if asked), their checkpoints checked against the manifest."""
+    # The checkpoints and the test split that verifies the files are checked against the manifest before they
+    # are loaded: a truncated student.pt is reported as changed (exit 1), not as a corrupt file; missing ones
+    # are reported below.
+    pruned = [a for a in rd.manifest().get("artifacts", {}) if a.startswith("student_pruned")]
+    rd.check_artifacts(["student.pt", "teacher.pt", *pruned, "eval.npz", "data.json"], missing_ok=True)
+    targets = [student_target(rd)]
+    if cfg.teacher:
+        if (rd / "teacher.pt").is_file():
+            targets.append(Target("teacher", load_model(rd / "teacher.pt"), "teacher.pt"))
+        else:
+            log("teacher.pt not found: exporting the student only")
+    changed = rd.verify_artifacts([t.checkpoint for t in targets])
+    if changed:
+        raise RunDirError(f"cannot export: {'; '.join(changed)}", "run `edgekd distill` again")
+    return targets
+
+
+def _export_all(exporter: "_Exporter", cfg: ExportConfig, targets: list[Target]) -> None:
+    """Every format: the fp32 file of each target, then the quantized files of the student."""
+    for fmt in cfg.formats:
+        for target in targets:
+            written = exporter.export_fp32(target, fmt)
+            if not written or target.name == "teacher":
+                continue
+            fp32_entry = exporter.entries[-1]
+            for precision in cfg.quantize:
+                exporter.quantize(target, fmt, precision, fp32_entry)
 
 
 def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.PathLike = "exported", *,
@@ -570,10 +522,35 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
     log = log or (print if not quiet else (lambda _msg: None))
     wanted = parse_precisions(precisions, "--precision") if precisions is not None else None
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
-    recipe = _load_recipe(rd)
-    cfg = _merge_cfg(rd, recipe, cfg, quantize=wanted, int8_io=int8_io, calibration_method=calibration_method)
+    cfg = _merge_cfg(rd, _load_recipe(rd), cfg, quantize=wanted, int8_io=int8_io,
+                     calibration_method=calibration_method)
     if not cfg.quantize:
         raise ExportError("no precision to quantize to", "pass --precision int8 (or fp16, dynamic)")
+    chosen = _fp32_files(rd, files)
+    _check_writable(rd)
+    session = _Session(rd, cfg, verify, log)
+    targets: dict[str, Target] = {}
+    t0 = time.perf_counter()
+    rd.stage_started("quantize")
+    report = ExportReport(rd)
+    exporter = _Exporter(session, report)
+
+    def work() -> None:
+        for e in chosen:
+            if e["model"] not in targets:
+                targets[e["model"]] = _target_for(rd, e["model"])
+            for precision in cfg.quantize:
+                exporter.quantize(targets[e["model"]], e["format"], precision, e)
+
+    _run_and_record(work, rd, "quantize", report, session, exporter, t0)
+    if check:
+        report.raise_for_problems()
+    return report
+
+
+def _fp32_files(rd: RunDir, files: list[str] | None) -> list[dict[str, Any]]:
+    """The metadata entries of the fp32 files to quantize (``files``, else every student one), each checked
+    to be present and unchanged since export."""
     meta = meta_mod.read_metadata(rd)
     fp32 = [e for e in meta["models"] if e.get("precision") == "fp32"]
     if files:
@@ -596,25 +573,7 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
         if sha256_file(path) != e.get("sha256"):
             raise ArtifactChanged(f"{e['file']} changed since it was exported (sha256 mismatch: truncated or edited)",
                                   "run `edgekd export` again", files=[e["file"]])
-    _check_writable(rd)
-    session = _Session(rd, cfg, verify, log)
-    targets: dict[str, Target] = {}
-    t0 = time.perf_counter()
-    rd.stage_started("quantize")
-    report = ExportReport(rd)
-    exporter = _Exporter(session, report)
-
-    def work() -> None:
-        for e in chosen:
-            if e["model"] not in targets:
-                targets[e["model"]] = _target_for(rd, e["model"])
-            for precision in cfg.quantize:
-                exporter.quantize(targets[e["model"]], e["format"], precision, e)
-
-    _run_and_record(work, rd, "quantize", report, session, exporter, t0)
-    if check:
-        report.raise_for_problems()
-    return report
+    return chosen
 
 
 def _target_for(rd: RunDir, model: str) -> Target:
@@ -627,7 +586,7 @@ def _target_for(rd: RunDir, model: str) -> Target:
     path = rd / f"{model}.pt"
     if not path.is_file():
         raise RunDirError(f"run {rd.path} has no {model}.pt for the files of {model}")
-    return Target(model, _model_from_checkpoint(path), path.name)
+    return Target(model, load_model(path), path.name)
 
 
 def summary_table(run_dir: str | os.PathLike | RunDir) -> str:
@@ -651,15 +610,16 @@ def summary_table(run_dir: str | os.PathLike | RunDir) -> str:
                      "-" if agree is None else f"{100 * agree:.2f}%", "-" if par is None else f"{par:.1e}", verified])
     text = table(["file", "size", "accuracy", "agreement", "parity", "verified"], rows)
     lines = [text]
-    for fmt in FORMATS:
-        t = metrics.get(f"teacher_fp32.{fmt}")
+    for fmt in list_backends():
+        teacher_file = f"teacher_fp32{get_backend(fmt).suffix}"
+        t = metrics.get(teacher_file)
         students = [e for e in meta["models"] if e["format"] == fmt and e["precision"] == "int8"
                     and e["model"] != "teacher"]
         if t and students:
             s = min(students, key=lambda e: e["size_bytes"])
             sm = metrics.get(s["file"], {})
             ratio = t["size_bytes"] / max(1, s["size_bytes"])
-            line = f"{s['file']}: {ratio:.1f}x smaller than teacher_fp32.{fmt}"
+            line = f"{s['file']}: {ratio:.1f}x smaller than {teacher_file}"
             if sm.get("test_accuracy") is not None and t.get("test_accuracy"):
                 line += f", {100 * sm['test_accuracy'] / t['test_accuracy']:.1f}% of its accuracy"
             lines.append(line)

@@ -126,8 +126,9 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
     from edgekd.export import metadata as meta_mod
     from edgekd.export import parity
     from edgekd.export.pipeline import (ExportReport, Target, _check_writable, _Exporter, _load_recipe,
-                                        _merge_cfg, _model_from_checkpoint, _run_and_record, _Session,
+                                        _merge_cfg, _run_and_record, _Session,
                                         student_target)
+    from edgekd.models import load_model
     from edgekd.quant import calibrate, convert_qat, finetune_qat, prepare_qat
     from edgekd.recipe import QATConfig
     from edgekd.run_dir import RunDir, resolve_run
@@ -160,7 +161,7 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
         calibrate(qat, [calib[i:i + bs] for i in range(0, min(len(calib), qat_cfg.calibration_batches * bs), bs)])
         result = finetune_qat(qat, data, _train_config(qat_cfg), _kd_loss(recipe), seed=recipe.seed,
                               state_path=rd / "checkpoints" / "qat.state.pt",
-                              teacher=_model_from_checkpoint(rd / "teacher.pt"), resume=resume, quiet=quiet)
+                              teacher=load_model(rd / "teacher.pt").eval(), resume=resume, quiet=quiet)
         log(f"QAT: {qat_cfg.epochs} epochs of KD with int8 fake quantization in {result.seconds:.1f}s, "
             f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch})")
         converted = convert_qat(qat)
@@ -181,7 +182,9 @@ def _write_one(session, report, exporter, target, converted, fmt, ecfg, info, me
     from edgekd.errors import ExportError
 
     path = session.rd / f"{target.name}_int8_qat.{fmt}"
-    layout = session.file_layout(fmt)
+    from edgekd.export.backends import get_backend
+
+    layout = session.file_layout(get_backend(fmt))
     sample = session.sample()
     try:
         if fmt == "onnx":

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import ExportError
+from edgekd.export.backends import ExportBackend, QuantizeJob, register_backend
 from edgekd.export.common import conversion_error, quiet
 from edgekd.run_dir import atomic_path
 
@@ -89,7 +90,7 @@ def export_tflite(model: nn.Module, sample: torch.Tensor, path: Path, *, nhwc: b
                 edge = litert_torch.convert(file_model, (file_sample,))
                 edge.export(str(tmp))
         except Exception as e:  # converters raise anything from RuntimeError to AssertionError
-            raise conversion_error("tflite", what, e, "litert-torch") from None
+            raise conversion_error("tflite", what, e, "litert-torch") from e
     return ROUTE_FP32
 
 
@@ -219,7 +220,7 @@ def quantize_pt2e(model: nn.Module, sample: torch.Tensor, out_path: Path, precis
                                             quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer))
                 edge.export(str(tmp))
             except Exception as e:
-                raise conversion_error("tflite (PT2E)", what, e, "litert-torch PT2E") from None
+                raise conversion_error("tflite (PT2E)", what, e, "litert-torch PT2E") from e
         if precision == "int8" and io_type != "int8":
             data = tmp.read_bytes()
             if _has_int8_io(data):
@@ -308,13 +309,13 @@ def retype_io(model_bytes: bytes, io_type: str) -> bytes:
 
 def describe_tflite(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Input and output of a .tflite file as the interpreter reports them: name, shape, dtype, quantization."""
-    from edgekd.runtimes.base import _tflite_interpreter_class
+    from edgekd.runtimes.litert import interpreter_class
 
-    cls, _ = _tflite_interpreter_class()
+    cls, _ = interpreter_class()
     try:
         it = cls(model_path=str(path))
     except Exception as e:
-        raise ExportError(f"LiteRT cannot load {Path(path).name}: {str(e).strip().splitlines()[0][:200]}") from None
+        raise ExportError(f"LiteRT cannot load {Path(path).name}: {str(e).strip().splitlines()[0][:200]}") from e
     return _io_spec(it.get_input_details()[0]), _io_spec(it.get_output_details()[0])
 
 
@@ -389,3 +390,45 @@ def layer_label(op: str, name: str) -> str:
         return f"{name} ({op})"
     return f"{scope + ': ' if scope else ''}{'+'.join(mods)} ({op})"
 
+
+
+# -- the backend ------------------------------------------------------------------------------------------
+
+class TFLiteBackend(ExportBackend):
+    """TFLite files: fp32 by litert-torch; fp16 by ai-edge-quantizer; int8 and dynamic by PT2E or
+    ai-edge-quantizer (see :data:`TFLITE_ROUTES`, :data:`TFLITE_DYNAMIC_ROUTES` for the order)."""
+
+    name = "tflite"
+    suffix = ".tflite"
+    routes = {"fp32": (ROUTE_FP32,), "fp16": (ROUTE_AEQ,), "int8": TFLITE_ROUTES, "dynamic": TFLITE_DYNAMIC_ROUTES}
+    tools = ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torchao")
+    channels_last = True
+    channel_axis = -1
+    runtime = "litert"
+
+    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str) -> str:
+        return export_tflite(model, sample, path, nhwc=layout == "NHWC", what=what)
+
+    def quantize(self, route: str, job: QuantizeJob) -> str:
+        io_type = job.settings.int8_io
+        if route == ROUTE_AEQ:
+            calib = job.calibration
+            if calib is not None and job.layout == "NHWC":  # this route calibrates the file, in its layout
+                calib = np.ascontiguousarray(calib.transpose(0, 2, 3, 1))
+            quantize_aeq(job.fp32_path, job.path, job.precision, calib, io_type)
+            return route if job.precision != "fp16" else "ai-edge-quantizer-fp16"
+        if route == ROUTE_PT2E:
+            quantize_pt2e(job.model, job.sample, job.path, job.precision, job.calibration,
+                          nhwc=job.layout == "NHWC", io_type=io_type, what=job.what)
+            return route
+        return super().quantize(route, job)
+
+    def io_spec(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        return describe_tflite(path)
+
+    def layer_outputs(self, path: Path, x: np.ndarray) -> list[tuple]:
+        with quiet():
+            return tflite_layers(path, x)
+
+
+register_backend(TFLiteBackend())

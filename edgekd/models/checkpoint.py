@@ -50,17 +50,17 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, A
         try:
             return {"state_dict": load_file(str(path))}
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({e})") from None
+            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({e})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_pickle:
             raise CheckpointError(
                 f"checkpoint {path} contains pickled Python objects, which can run code when loaded",
-                "re-save it as a state dict or safetensors, or pass --allow-pickle if you trust its source") from None
+                "re-save it as a state dict or safetensors, or pass --allow-pickle if you trust its source") from e
         obj = _load_pickled(path, e)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({_first_line(e)})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({_first_line(e)})") from e
     return _as_checkpoint(obj, path)
 
 
@@ -68,7 +68,7 @@ def _load_pickled(path: Path, original: Exception) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be unpickled ({_first_line(e)})") from None
+        raise CheckpointError(f"checkpoint {path} could not be unpickled ({_first_line(e)})") from e
 
 
 def _first_line(e: Exception) -> str:

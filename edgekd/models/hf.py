@@ -80,8 +80,8 @@ class HFClassifier(nn.Module):
 def _transformers():
     try:
         import transformers
-    except ImportError:
-        raise ModelError("hf_* models need the `transformers` package", "pip install transformers") from None
+    except ImportError as e:
+        raise ModelError("hf_* models need the `transformers` package", "pip install transformers") from e
     transformers.logging.set_verbosity_error()  # "newly initialized weights" notices are expected here
     return transformers
 
@@ -114,7 +114,7 @@ def _load_pretrained(auto_cls, path: str | Path, num_classes: int, overrides: di
     except Exception as e:  # safetensors, json, size and OS errors all mean "this folder is not loadable"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelError(f"cannot load local model directory {p}: {first}",
-                         "check that the folder was written by save_pretrained and is complete") from None
+                         "check that the folder was written by save_pretrained and is complete") from e
 
 
 def _from_config(tf, config: dict[str, Any], num_classes: int, auto_cls) -> nn.Module:
@@ -125,12 +125,12 @@ def _from_config(tf, config: dict[str, Any], num_classes: int, auto_cls) -> nn.M
     try:
         cfg = tf.AutoConfig.for_model(model_type, num_labels=num_classes, **config)
     except (ValueError, TypeError) as e:
-        raise ModelError(f"bad hf config for model_type {model_type!r}: {e}") from None
+        raise ModelError(f"bad hf config for model_type {model_type!r}: {e}") from e
     cfg._attn_implementation = "eager"  # exportable everywhere, and attention maps stay available
     try:
         return auto_cls.from_config(cfg)
     except (ValueError, TypeError) as e:
-        raise ModelError(f"cannot build {model_type!r} for classification: {e}") from None
+        raise ModelError(f"cannot build {model_type!r} for classification: {e}") from e
 
 
 def _image_config(input_shape: tuple[int, ...], config: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +307,7 @@ def student_from_teacher(source: str, layers: Any, input_shape: tuple[int, ...],
     p = Path(source).expanduser()
     if p.is_file():
         from edgekd.models.checkpoint import load_checkpoint, load_weights
-        from edgekd.models.registry import build_model
+        from edgekd.models.builder import build_model
 
         ckpt = load_checkpoint(p)
         info = ckpt.get("model") or {}

@@ -1,24 +1,15 @@
-"""The model registry and loading of user models by import path.
+"""The model registry: plain factory functions registered by name (the timm convention).
 
-A model is a plain factory function ``factory(input_shape, num_classes, **kwargs) -> nn.Module`` registered
-by name (the timm convention). User factories are named ``package.module:factory`` or
-``path/to/file.py:factory``; they receive ``input_shape`` and ``num_classes`` only if their signature asks.
+A factory is ``factory(input_shape, num_classes, **kwargs) -> nn.Module``. This module only keeps the table;
+:mod:`edgekd.models.builder` loads the built-in zoo and builds models from it, so the zoo can register itself
+here without an import cycle.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import importlib.util
-import inspect
-import sys
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import torch
 from torch import nn
-
-from edgekd.errors import ModelError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -29,113 +20,6 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def list_models(include_hf: bool = False) -> list[str]:
-    """Names of the built-in zoo models (with ``include_hf``, also the ``hf_*`` transformers wrappers)."""
-    _load_zoo()
-    if include_hf:
-        return sorted(set(_REGISTRY) | set(_LAZY))
-    return sorted(n for n in _REGISTRY if n not in _LAZY)  # the same list whether or not hf.py was imported
-
-
-def _load_zoo() -> None:
-    import edgekd.models.zoo  # noqa: F401  (registers the built-in models)
-
-
-# Registered on first use: importing `transformers` takes seconds, and `edgekd --help` must stay instant.
-_LAZY = {"hf_vit": "edgekd.models.hf", "hf_bert": "edgekd.models.hf", "hf_image": "edgekd.models.hf",
-         "hf_text": "edgekd.models.hf"}
-
-
-def _load_lazy(name: str) -> None:
-    if name in _LAZY and name not in _REGISTRY:
-        importlib.import_module(_LAZY[name])
-
-
-def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a registered model.
-
-    Args:
-        name: A name from :func:`list_models`.
-        input_shape: Shape of one sample, e.g. ``(1, 28, 28)`` or ``(64,)``.
-        num_classes: Number of output logits.
-        **kwargs: The factory's knobs (width, depth, ...).
-    """
-    _load_zoo()
-    _load_lazy(name)
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY) + list(_LAZY), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"built-in models: {', '.join(sorted(_REGISTRY))}"
-        raise ModelError(f"unknown model {name!r}", hint)
-    return _call(_REGISTRY[name], name, input_shape, num_classes, kwargs)
-
-
-def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build a model from a recipe spec: a registered name or a user factory path."""
-    kwargs = dict(kwargs or {})
-    if ":" not in spec:
-        return create_model(spec, input_shape, num_classes, **kwargs)
-    return _call(_import_factory(spec), spec, input_shape, num_classes, kwargs)
-
-
-def _import_factory(spec: str) -> Callable[..., nn.Module]:
-    # User code runs only because the recipe names this import path explicitly.
-    target, _, attr = spec.rpartition(":")
-    if not target or not attr:
-        raise ModelError(f"model {spec!r} is not of the form package.module:factory or path/file.py:factory")
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise ModelError(f"model file {path} not found")
-        mod_name = f"edgekd_user_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise ModelError(f"importing {path} failed: {type(e).__name__}: {e}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ModelError(f"cannot import {target!r}: {e}", "check the module path and that it is installed") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelError(f"{target} has no callable {attr!r}")
-    return factory
-
-
-def _call(factory: Callable[..., nn.Module], name: str, input_shape: tuple[int, ...], num_classes: int,
-          kwargs: dict[str, Any]) -> nn.Module:
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    call_kwargs = dict(kwargs)
-    for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
-        if key in params or takes_any:
-            call_kwargs.setdefault(key, value)
-    unknown = [k for k in kwargs if k not in params and not takes_any]
-    if unknown:
-        valid = [k for k in params if k not in ("input_shape", "num_classes")]
-        close = difflib.get_close_matches(unknown[0], valid, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"{name} takes: {', '.join(valid) or 'no kwargs'}"
-        raise ModelError(f"model {name!r} has no argument {unknown[0]!r}", hint)
-    try:
-        model = factory(**call_kwargs)
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"building model {name!r} failed: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def count_macs_params(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
-    """Multiply-accumulates and parameters of one forward pass at batch 1 (torch-pruning's counter)."""
-    import torch_pruning as tp
-
-    was_training = model.training
-    model.eval()
-    try:
-        macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
-    finally:
-        model.train(was_training)
-    return int(macs), int(params)
+def registered_models() -> dict[str, Callable[..., nn.Module]]:
+    """A copy of the table of factories registered so far, by name (the zoo may not be loaded yet)."""
+    return dict(_REGISTRY)

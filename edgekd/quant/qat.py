@@ -174,15 +174,16 @@ def finetune_qat(qat_model: QATModel, data, cfg, loss_fn: nn.Module, *, seed: in
     Returns:
         The training loop's result (history, seconds, best epoch and validation accuracy).
     """
-    # TODO(after arch-training): edgekd.training.fit, once the loop has moved out of the distill stage.
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, OnEpoch, fit
 
     if resume and Path(state_path).exists():
         # Per-channel ranges are created by the first forward pass; run one so the saved tensors fit their slots.
         with torch.no_grad():
             qat_model.train()(data.train[0][0].unsqueeze(0))
-    return fit(role, qat_model, data, cfg, loss_fn, seed=seed, state_path=Path(state_path), teacher=teacher,
-               cache_teacher=cache_teacher, resume=resume, quiet=quiet, on_epoch=on_epoch)
+    config = FitConfig(role=role, train=cfg, seed=seed, state_path=Path(state_path), resume=resume, quiet=quiet,
+                       cache_teacher=cache_teacher)
+    callbacks = [OnEpoch(on_epoch)] if on_epoch is not None else []
+    return fit(qat_model, data, loss_fn, config, teacher=teacher, callbacks=callbacks)
 
 
 def _stays_in_inference_form(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -1,4 +1,4 @@
-"""One small interface over the runtimes an exported model runs in: PyTorch, ONNX Runtime and LiteRT.
+"""One small interface over the runtimes a model file runs in: PyTorch, ONNX Runtime, LiteRT, and any registered.
 
 Every runtime takes *raw* inputs as stored in ``eval.npz`` (float32, NCHW or NF, before normalization) and
 returns float32 logits; normalization, layout (NCHW/NHWC) and integer quantization of inputs and outputs are
@@ -11,10 +11,23 @@ A metadata entry (one per exported file) looks like::
                 "quantization": {"scale": 0.0123, "zero_point": -3}},
      "output": {"name": ..., "shape": [1, 10], "dtype": "int8", "quantization": {...}},
      "normalization": {"mean": [...], "std": [...]}, "labels": [...], "size_bytes": ..., "sha256": ...}
+
+Each runtime is a :class:`Runtime` subclass registered with the file suffixes it runs
+(:func:`register_runtime`); :func:`runtimes_for` lists the installed runtimes that run a file, so validate
+and bench fan out to every one of them. Timing lives in :mod:`edgekd.runtimes.timing`.
+
+Modules: ``base`` (interface, registry, input/output transforms), ``pytorch``, ``ort``, ``litert`` (the
+built-in runtimes), ``timing`` (load/latency/memory measurements, in process or in a fresh subprocess).
 """
 
 from __future__ import annotations
 
-from edgekd.runtimes.base import Runtime, prepare_input, restore_output, runtime_for, RUNTIMES
+from edgekd.runtimes.base import (RUNTIMES, Runtime, get_runtime, list_runtimes, prepare_input, register_runtime,
+                                  restore_output, runtime_for, runtimes_for)
+# The built-in runtimes register themselves on import (their heavy libraries load only when a file is run).
+from edgekd.runtimes.pytorch import TorchRuntime
+from edgekd.runtimes.ort import OnnxRuntime
+from edgekd.runtimes.litert import LiteRTRuntime
 
-__all__ = ["RUNTIMES", "Runtime", "prepare_input", "restore_output", "runtime_for"]
+__all__ = ["RUNTIMES", "LiteRTRuntime", "OnnxRuntime", "Runtime", "TorchRuntime", "get_runtime", "list_runtimes",
+           "prepare_input", "register_runtime", "restore_output", "runtime_for", "runtimes_for"]

@@ -1,10 +1,18 @@
-"""The runtime interface and the input/output transforms every runtime shares."""
+"""The runtime interface, the registry of runtimes, and the input/output transforms every runtime shares.
+
+A runtime is a :class:`Runtime` subclass with a ``name`` and the file ``suffixes`` it runs, registered with
+:func:`register_runtime`. :func:`runtimes_for` answers which installed runtimes can run a file, so validate and
+bench fan out to all of them and a new runtime is one class plus its registration.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -44,7 +52,9 @@ def restore_output(y: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
 class Runtime:
     """A model file loaded in one runtime.
 
-    Subclasses implement :meth:`_load` and :meth:`run` (on prepared inputs). ``predict`` is what callers use.
+    Subclasses set ``name`` and ``suffixes`` and implement :meth:`_load` and :meth:`run` (on prepared inputs);
+    they override :meth:`available`, :meth:`version` and :meth:`import_libraries` when they depend on an optional
+    package. ``predict`` is what callers use.
 
     Args:
         path: The model file.
@@ -52,8 +62,8 @@ class Runtime:
         threads: Intra-op threads (None: the runtime's default).
     """
 
-    name = "abstract"
-    formats: tuple[str, ...] = ()
+    name: ClassVar[str] = "abstract"
+    suffixes: ClassVar[tuple[str, ...]] = ()  # file suffixes it runs, with the dot: (".onnx",)
 
     def __init__(self, path: str | os.PathLike, entry: dict[str, Any], threads: int | None = None):
         self.path = Path(path)
@@ -81,168 +91,95 @@ class Runtime:
                 for i in range(0, len(x_raw), batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the runtime's libraries are installed (checked without importing them)."""
+        return True
+
+    @classmethod
+    def import_libraries(cls) -> None:
+        """Import the runtime's libraries, so a timed model load does not pay for Python imports."""
+
     @staticmethod
     def version() -> str:
         return "unknown"
 
 
-class TorchRuntime(Runtime):
-    """A PyTorch model: an edgekd checkpoint rebuilt from its recorded spec (``.pt``)."""
-
-    name = "torch"
-    formats = ("pt",)
-
-    def _load(self) -> None:
-        import torch
-
-        from edgekd.models import build_model, load_checkpoint
-
-        ckpt = load_checkpoint(self.path)
-        if "model" not in ckpt:
-            raise ExportError(f"{self.path} is not an edgekd checkpoint (no model spec)")
-        loader = self.entry.get("loader")
-        if loader is not None:  # e.g. a pruned model that needs its own rebuild function
-            self.model = loader(self.path)
-        elif ckpt.get("format") == "edgekd-pruned/1":
-            # Pruned widths cannot be rebuilt from the spec alone; edgekd.prune records and restores them.
-            from edgekd.prune import load_pruned
-
-            self.model = load_pruned(self.path)
-        else:
-            spec = ckpt["model"]
-            self.model = build_model(spec["spec"], tuple(ckpt["input_shape"]), int(ckpt["num_classes"]), spec["kwargs"])
-            self.model.load_state_dict(ckpt["state_dict"])
-        self.model.eval()
-        self._torch = torch
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(x)).numpy()
-
-    @staticmethod
-    def version() -> str:
-        import torch
-
-        return torch.__version__
-
-
-class OnnxRuntime(Runtime):
-    """An ONNX file in onnxruntime's CPU execution provider."""
-
-    name = "onnxruntime"
-    formats = ("onnx",)
-
-    def _load(self) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+def installed(*modules: str) -> bool:
+    """Whether any of the top-level ``modules`` can be imported (without importing it)."""
+    for name in modules:
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ExportError(f"onnxruntime cannot load {self.path.name}: {str(e).splitlines()[0][:200]}") from None
-        self.input_name = self.session.get_inputs()[0].name
-        first = self.session.get_inputs()[0].shape[0] if self.session.get_inputs()[0].shape else None
-        self._fixed_batch_1 = first == 1
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] > 1 and self._fixed_batch_1:
-            # Exported with a static batch of 1: run one sample at a time rather than fail.
-            return np.concatenate([self.run(x[i:i + 1]) for i in range(x.shape[0])])
-        return self.session.run(None, {self.input_name: x})[0]
-
-    @staticmethod
-    def version() -> str:
-        import onnxruntime
-
-        return onnxruntime.__version__
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except (ImportError, ValueError):  # a broken or half-installed package counts as absent
+            continue
+    return False
 
 
-def _tflite_interpreter_class():
-    try:
-        from ai_edge_litert.interpreter import Interpreter
+# -- the registry ---------------------------------------------------------------------------------------
 
-        return Interpreter, "ai_edge_litert"
-    except ImportError:
-        pass
-    try:
-        from tflite_runtime.interpreter import Interpreter
-
-        return Interpreter, "tflite_runtime"
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf
-
-        return tf.lite.Interpreter, "tensorflow"
-    except ImportError:
-        raise ExportError("no TFLite interpreter installed",
-                          "pip install ai-edge-litert (or tflite-runtime on a device)") from None
+_REGISTRY: dict[str, type[Runtime]] = {}
+# A read-only view by name, for code written before the accessors (prefer list_runtimes / get_runtime).
+RUNTIMES: Mapping[str, type[Runtime]] = MappingProxyType(_REGISTRY)
 
 
-class LiteRTRuntime(Runtime):
-    """A .tflite file in LiteRT's interpreter (``ai_edge_litert``, else ``tflite_runtime``, else TensorFlow)."""
+def register_runtime(cls: type[Runtime]) -> type[Runtime]:
+    """Register a runtime class under its ``name`` for its ``suffixes`` (usable as a class decorator).
 
-    name = "litert"
-    formats = ("tflite",)
-
-    def _load(self) -> None:
-        cls, self.module = _tflite_interpreter_class()
-        kwargs = {"num_threads": self.threads} if self.threads else {}
-        try:
-            self.interpreter = cls(model_path=str(self.path), **kwargs)
-            self.interpreter.allocate_tensors()
-        except Exception as e:
-            raise ExportError(f"LiteRT cannot load {self.path.name}: {str(e).splitlines()[0][:200]}") from None
-        self._in = self.interpreter.get_input_details()[0]
-        self._out = self.interpreter.get_output_details()[0]
-        self._batch = int(self._in["shape"][0])
-        sig = self._in.get("shape_signature")
-        self._dynamic_batch = sig is not None and len(sig) > 0 and int(sig[0]) == -1
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        it = self.interpreter
-        if x.shape[0] > 1 and self._batch == 1 and not self._dynamic_batch:
-            # A graph exported at a fixed batch cannot be resized (XNNPACK refuses, and a reshape baked into
-            # the graph would mix samples): run it one sample at a time, as an app would.
-            return np.concatenate([self.run(x[i:i + 1]) for i in range(x.shape[0])])
-        if x.shape[0] != self._batch:
-            it.resize_tensor_input(self._in["index"], list(x.shape), strict=False)
-            it.allocate_tensors()
-            self._batch = x.shape[0]
-            self._out = it.get_output_details()[0]
-        it.set_tensor(self._in["index"], x)
-        it.invoke()
-        return it.get_tensor(self._out["index"]).copy()
-
-    @staticmethod
-    def version() -> str:
-        _, module = _tflite_interpreter_class()
-        if module == "ai_edge_litert":
-            from importlib.metadata import version
-
-            return f"ai-edge-litert {version('ai-edge-litert')}"
-        return module
+    Raises:
+        EdgeKDError: The class has no name or no suffixes, or a suffix lacks its leading dot.
+    """
+    if not getattr(cls, "name", None) or cls.name == "abstract" or not cls.suffixes:
+        raise EdgeKDError(f"runtime class {cls.__name__} needs a name and the file suffixes it runs")
+    bad = [s for s in cls.suffixes if not s.startswith(".")]
+    if bad:
+        raise EdgeKDError(f"runtime {cls.name!r}: suffix {bad[0]!r} must start with a dot (e.g. '.onnx')")
+    _REGISTRY[cls.name] = cls
+    return cls
 
 
-RUNTIMES: dict[str, type[Runtime]] = {"torch": TorchRuntime, "onnxruntime": OnnxRuntime, "litert": LiteRTRuntime}
+def list_runtimes() -> list[str]:
+    """Names of every registered runtime, in registration order (installed or not)."""
+    return list(_REGISTRY)
+
+
+def get_runtime(name: str) -> type[Runtime]:
+    """The runtime class registered under ``name``.
+
+    Raises:
+        EdgeKDError: No runtime of that name; the message suggests the closest one.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose from: {', '.join(_REGISTRY)}"
+        raise EdgeKDError(f"unknown runtime {name!r}", hint)
+    return cls
+
+
+def runtimes_for(path: str | os.PathLike, installed_only: bool = True) -> list[type[Runtime]]:
+    """The runtimes that run ``path`` (by its suffix), in registration order.
+
+    Args:
+        path: A model file name or path.
+        installed_only: Leave out runtimes whose libraries are not installed.
+    """
+    suffix = Path(path).suffix.lower()
+    return [cls for cls in _REGISTRY.values()
+            if suffix in cls.suffixes and (not installed_only or cls.available())]
 
 
 def runtime_for(path: str | os.PathLike, entry: dict[str, Any], threads: int | None = None,
                 runtime: str | None = None) -> Runtime:
-    """Load ``path`` in the named runtime, or the one its format needs."""
+    """Load ``path`` in the named runtime, or in the first installed runtime that runs its suffix.
+
+    Raises:
+        EdgeKDError: Unknown runtime name, or no registered runtime runs this kind of file.
+    """
     if runtime is not None:
-        if runtime not in RUNTIMES:
-            raise EdgeKDError(f"unknown runtime {runtime!r}", f"choose from: {', '.join(RUNTIMES)}")
-        return RUNTIMES[runtime](path, entry, threads)
-    fmt = entry.get("format") or Path(path).suffix.lstrip(".")
-    for cls in RUNTIMES.values():
-        if fmt in cls.formats:
-            return cls(path, entry, threads)
-    raise EdgeKDError(f"no runtime for format {fmt!r} ({path})")
+        return get_runtime(runtime)(path, entry, threads)
+    classes = runtimes_for(path) or runtimes_for(path, installed_only=False)
+    if not classes:
+        raise EdgeKDError(f"no runtime for {Path(path).suffix or 'suffix-less'} files ({path})",
+                          f"registered runtimes: {', '.join(_REGISTRY)}")
+    return classes[0](path, entry, threads)

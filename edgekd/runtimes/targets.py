@@ -13,10 +13,10 @@ from typing import Any
 from edgekd.errors import EdgeKDError, RunDirError
 from edgekd.results import REFERENCE_MODELS
 from edgekd.run_dir import RunDir, read_metadata, sha256_file
+from edgekd.runtimes.base import get_runtime, list_runtimes, runtimes_for
 
 # Roles the distill stage writes, in the order tables list them; other checkpoints (a pruned student) follow.
 _ROLE_ORDER = ("teacher", "baseline", "student")
-_FORMAT_RUNTIME = {"pt": "torch", "onnx": "onnxruntime", "tflite": "litert"}
 
 
 @dataclass
@@ -39,6 +39,12 @@ class ModelTarget:
         return self.source_model not in REFERENCE_MODELS
 
 
+def runtime_names_for(file: str) -> list[str]:
+    """Names of the runtimes that run ``file`` (by suffix): the installed ones, else the registered ones (which
+    then report why they cannot run it, as a skipped row)."""
+    return [cls.name for cls in runtimes_for(file) or runtimes_for(file, installed_only=False)]
+
+
 def _checkpoint_targets(rd: RunDir, data: dict[str, Any]) -> list[ModelTarget]:
     """The PyTorch checkpoints of the run, teacher/baseline/student first, with an entry built from data.json."""
     norm = data.get("normalization") or {}
@@ -50,7 +56,7 @@ def _checkpoint_targets(rd: RunDir, data: dict[str, Any]) -> list[ModelTarget]:
                  "input": {"shape": [1, *input_shape], "dtype": "float32", "layout": data.get("layout", "NCHW"),
                            "quantization": None},
                  "output": {"dtype": "float32", "quantization": None}, "normalization": norm}
-        targets.append(ModelTarget(p.name, p.stem, "torch", "pt", "fp32", entry))
+        targets += [ModelTarget(p.name, p.stem, rt, "pt", "fp32", entry) for rt in runtime_names_for(p.name)]
     return targets
 
 
@@ -68,11 +74,9 @@ def _exported_targets(rd: RunDir, data: dict[str, Any]) -> list[ModelTarget]:
         # The contract allows normalization at the top level only; runtimes read it from the entry.
         entry.setdefault("normalization", meta.get("normalization") or data.get("normalization") or {})
         fmt = entry.get("format") or Path(entry["file"]).suffix.lstrip(".")
-        runtime = _FORMAT_RUNTIME.get(fmt)
-        if runtime is None:
-            continue
-        targets.append(ModelTarget(entry["file"], str(entry.get("model") or Path(entry["file"]).stem.split("_")[0]),
-                                   runtime, fmt, str(entry.get("precision", "fp32")), entry))
+        for runtime in runtime_names_for(entry["file"]):  # every runtime that runs the file: one target each
+            targets.append(ModelTarget(entry["file"], str(entry.get("model") or Path(entry["file"]).stem.split("_")[0]),
+                                       runtime, fmt, str(entry.get("precision", "fp32")), entry))
     return targets
 
 
@@ -133,14 +137,11 @@ def integrity_problem(rd: RunDir, target: ModelTarget) -> str | None:
 
 def parse_runtimes(text: str | list[str] | None) -> list[str] | None:
     """``"onnxruntime,litert"`` → a checked list (None: every runtime)."""
-    from edgekd.runtimes import RUNTIMES
-
     if text is None:
         return None
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
     for name in items:
-        if name not in RUNTIMES:
-            raise EdgeKDError(f"unknown runtime {name!r}", f"choose from: {', '.join(RUNTIMES)}")
+        get_runtime(name)  # unknown names fail here, with the closest registered name
     if not items:
-        raise EdgeKDError("--runtime is empty", f"choose from: {', '.join(RUNTIMES)}")
+        raise EdgeKDError("--runtime is empty", f"choose from: {', '.join(list_runtimes())}")
     return items

@@ -128,4 +128,4 @@ def setup_feature_loss(loss_fn: nn.Module, student: nn.Module, teacher: nn.Modul
         try:
             loss_fn.setup(s_shapes, t_shapes)
         except ValueError as e:
-            raise RecipeError(f"distill.loss: {e}") from None
+            raise RecipeError(f"distill.loss: {e}") from e

@@ -8,7 +8,7 @@
   is the student architecture trained on labels; generation ``k`` is trained by distillation from
   generation ``k - 1``. The last generation is the run's ``student``.
 
-The pipeline (:mod:`edgekd.distill.pipeline`) runs them; this module holds the pieces and the checks.
+The distill stage runs them; this module holds the pieces and the checks (shared with prune and sweep).
 """
 
 from __future__ import annotations

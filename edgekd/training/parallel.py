@@ -19,26 +19,23 @@ How a distributed run stays equivalent to a one-process run of the same recipe:
 * BatchNorm running statistics: DDP uses rank 0's buffers in every forward pass; at the end of each epoch they
   are broadcast from rank 0 again (:func:`sync_buffers`), so validation, the best epoch and the kept weights
   are the same on every rank.
-* Only rank 0 writes the run directory (the CLI gives other ranks a throw-away scratch directory).
-* ``--resume``: rank 0 sends the files of the run directory that distill reads (recipe, manifest, history,
-  finished ``<role>.pt`` and ``checkpoints/*.state.pt``) to the other ranks, which resume from the same
-  checkpoint in their scratch directory (no shared filesystem needed). The checkpoint holds model, optimizer,
-  scheduler, grad-scaler and RNG state; the shuffling order of an epoch depends only on the seed and the epoch
-  number, so the sampler needs no state of its own.
+* Only rank 0 writes the run directory (the stages give other ranks a throw-away scratch directory; the
+  distill stage's launcher, :mod:`edgekd.distill.launch`, also shares rank 0's run with them on ``--resume``).
+* The checkpoint holds model, optimizer, scheduler, grad-scaler and RNG state; the shuffling order of an epoch
+  depends only on the seed and the epoch number, so the sampler needs no state of its own.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from edgekd.errors import DataError, RecipeError, RunDirError
+from edgekd.errors import DataError, RecipeError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _DEVICE: torch.device = torch.device("cpu")
@@ -50,8 +47,8 @@ def env_world_size() -> int:
     """``WORLD_SIZE`` set by torchrun (1 when not launched by it)."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise RecipeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number", "launch with torchrun") from None
+    except ValueError as e:
+        raise RecipeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number", "launch with torchrun") from e
 
 
 def is_distributed() -> bool:
@@ -237,7 +234,7 @@ def grad_scaler(amp: str = "off"):
         return torch.amp.GradScaler(_DEVICE.type)
     except (RuntimeError, ValueError, AssertionError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise RecipeError(f"amp fp16 is not supported on {_DEVICE.type} ({first})", "use amp bf16 or off") from None
+        raise RecipeError(f"amp fp16 is not supported on {_DEVICE.type} ({first})", "use amp bf16 or off") from e
 
 
 def sync_buffers(module: nn.Module | None) -> None:
@@ -302,97 +299,3 @@ def global_mean(total: float, count: int) -> float:
                      device=_DEVICE if _DEVICE.type == "cuda" else "cpu")
     torch.distributed.all_reduce(t)
     return float(t[0] / max(t[1], 1.0))
-
-
-def record(rd, info: dict[str, Any]) -> None:
-    """Write the distributed settings into the run's metrics.json (``distributed``) and manifest (distill stage)."""
-    rd.update_metrics("distributed", info)
-    manifest = rd.manifest()
-    manifest.setdefault("stages", {}).setdefault("distill", {}).update(
-        {"world_size": info["world_size"], "backend": info["backend"], "device": info["device"]})
-    manifest["world_size"] = info["world_size"]
-    rd._write_manifest(manifest)
-
-
-# What distill reads from a run directory it resumes (exports, reports and bundles are not needed).
-_RESUME_SUFFIXES = (".yaml", ".json", ".csv", ".txt", ".pt")
-
-
-def share_run_dir(path: Path) -> Path | None:
-    """``--resume`` under torchrun: copy rank 0's run directory ``path`` into every other rank's scratch space.
-
-    The files travel through the process group (``broadcast_object_list``), so the ranks need no shared
-    filesystem. Every rank must call this before rank 0 changes the directory.
-
-    Returns:
-        On other ranks, the scratch directory holding a copy named like ``path`` (pass its parent as ``out``);
-        on rank 0, None.
-
-    Raises:
-        RunDirError: ``path`` holds no run (raised on every rank, so none waits forever).
-    """
-    import tempfile
-
-    payload = None
-    if is_main():
-        if (path / "manifest.json").is_file():
-            files = [p for p in path.iterdir() if p.is_file() and p.suffix in _RESUME_SUFFIXES]
-            ckpt = path / "checkpoints"
-            if ckpt.is_dir():
-                files += [p for p in ckpt.iterdir() if p.is_file() and p.suffix == ".pt"]
-            payload = {str(p.relative_to(path)): p.read_bytes() for p in files}
-    payload = broadcast_object(payload)
-    if payload is None:
-        raise RunDirError(f"nothing to resume: {path} holds no run", "drop --resume to start a new run")
-    if is_main():
-        return None
-    scratch = Path(tempfile.mkdtemp(prefix=f"edgekd-rank{rank()}-"))
-    for rel, data in payload.items():
-        target = scratch / path.name / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return scratch
-
-
-def run_distill_everywhere(recipe, out, device_name: str = "auto", resume: bool = False, quiet: bool = False,
-                           allow_pickle: bool = False):
-    """``edgekd distill`` on this process: alone, or as one rank of a torchrun job.
-
-    Rank 0 writes the run directory in ``out`` and records the world size; other ranks train in step with it
-    (DDP needs them) but write into a scratch directory removed at the end. With ``resume`` that scratch
-    directory starts as a copy of rank 0's run (:func:`share_run_dir`), so every rank continues from the same
-    checkpoint.
-
-    Returns:
-        The run directory on rank 0, None on other ranks.
-    """
-    import shutil
-    import tempfile
-
-    from edgekd.distill.pipeline import run_distill
-
-    n = env_world_size()
-    if n > 1 and recipe.data.batch_size % n:  # checked before anything is written (fit checks it again)
-        raise DataError(f"data.batch_size {recipe.data.batch_size} cannot be split over {n} processes",
-                        f"use a batch size divisible by {n} or another --nproc_per_node")
-    info = setup(device_name)
-    ok = False
-    try:
-        copy = share_run_dir(Path(out) / recipe.name) if resume and is_distributed() else None
-        if is_main():
-            rd = run_distill(recipe, out=out, resume=resume, quiet=quiet, allow_pickle=allow_pickle)
-            record(rd, {k: info[k] for k in ("world_size", "backend", "device")})
-        else:
-            scratch = copy if copy is not None else tempfile.mkdtemp(prefix=f"edgekd-rank{rank()}-")
-            try:
-                run_distill(recipe, out=scratch, resume=resume, quiet=True, allow_pickle=allow_pickle)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            rd = None
-        ok = True
-        return rd
-    finally:
-        if ok:
-            teardown()
-        elif is_distributed():  # no barrier: the other ranks may never reach it
-            torch.distributed.destroy_process_group()
