@@ -82,7 +82,7 @@ def ptq(student: nn.Module, calib: torch.Tensor) -> nn.Module:
 
 def one(name, make_student, data, teacher, seed, args, work) -> dict:
     from edgekd import losses
-    from edgekd.distill.trainer import fit
+    from edgekd.training import FitConfig, fit
     from edgekd.quant import calibrate, convert_qat, finetune_qat, prepare_qat
     from edgekd.recipe import TrainConfig
 
@@ -92,8 +92,9 @@ def one(name, make_student, data, teacher, seed, args, work) -> dict:
     torch.manual_seed(seed)
     student = make_student()
     t0 = time.perf_counter()
-    fit(name, student, data, TrainConfig(epochs=args.float_epochs, lr=0.01, scheduler="onecycle"), kd, seed=seed,
-        state_path=work / f"{name}-{seed}-float.pt", teacher=teacher, quiet=True)
+    fit(student, data, kd, FitConfig(role="float", train=TrainConfig(epochs=args.float_epochs, lr=0.01,
+                                                                     scheduler="onecycle"),
+                                     seed=seed, state_path=work / f"float-{seed}.pt", quiet=True), teacher=teacher)
     float_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(data.train), size=min(256, len(data.train)), replace=False))
