@@ -271,11 +271,35 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
               help="fp16,int8,dynamic (default: the recipe's export.quantize, else int8).")
 @click.option("--file", "files", multiple=True, metavar="NAME",
               help="An exported fp32 file to quantize (repeatable; default: every fp32 student file).")
+@click.option("--qat", is_flag=True,
+              help="Quantization-aware distillation instead: fine-tune the student with int8 fake quantization "
+                   "and the KD loss, write STUDENT_int8_qat.onnx/.tflite (--set keys then name the `qat` section).")
+@click.option("--resume", is_flag=True, help="--qat: continue from the last finished QAT epoch.")
 def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
-                 overrides: tuple[str, ...], quiet: bool, precision: str | None, files: tuple[str, ...]) -> None:
-    """Post-training quantization of fp32 files already written by `edgekd export`, verified the same way."""
+                 overrides: tuple[str, ...], quiet: bool, precision: str | None, files: tuple[str, ...],
+                 qat: bool, resume: bool) -> None:
+    """Post-training quantization of fp32 files already written by `edgekd export`, verified the same way.
+
+    With --qat: quantization-aware distillation of the best student (PT2E fake quantization with the int8
+    TFLite route's quantizer, KD from the teacher, settings from the recipe's `qat` section), then int8
+    ONNX/TFLite files that carry the learned scales, verified against the fake-quantized PyTorch model.
+    """
     from edgekd.export import run_quantize, summary_table
 
+    if qat:
+        from edgekd.export.qat import run_qat
+        from edgekd.recipe import merge_section
+        from edgekd.run_dir import resolve_run
+
+        rd = resolve_run(run, out)
+        qat_cfg = merge_section(rd / "recipe.yaml", "qat", overrides, command="quantize --qat")
+        report = run_qat(rd, out, cfg=qat_cfg, int8_io=int8_io, resume=resume, verify=not no_verify,
+                         log=None if quiet else click.echo, quiet=quiet)
+        click.echo(summary_table(report.rd))
+        report.raise_for_problems()
+        return
+    if resume:
+        raise click.UsageError("--resume applies to --qat only")
     rd, cfg = _export_section(run, out, overrides, "quantize")
     report = run_quantize(rd, out, precisions=precision, files=list(files) or None, int8_io=int8_io,
                           calibration_method=calibration_method, verify=not no_verify,

@@ -182,6 +182,15 @@ class PruneConfig(_Section):
     lr: Optional[float] = Field(None, gt=0, description="fine-tuning learning rate (default: distill.lr)")
 
 
+class QATConfig(TrainConfig):
+    """Quantization-aware distillation of the exported student (`edgekd quantize --qat`)."""
+
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    scheduler: Literal["none", "cosine", "onecycle"] = "cosine"
+    calibration_batches: int = Field(8, ge=0, description="batches that set the first activation ranges")
+
+
 class ExportTolerance(_Section):
     fp32_rel: float = Field(1e-5, gt=0, description="max |diff| / max |logit| vs PyTorch for fp32 files")
     min_agreement: float = Field(0.98, ge=0, le=1, description="top-1 agreement with PyTorch for fp16/int8")
@@ -251,6 +260,7 @@ class Recipe(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     prune: Optional[PruneConfig] = None
     export: Optional[ExportConfig] = None
+    qat: Optional[QATConfig] = Field(None, description="int8 files by quantization-aware distillation too")
     validate_: Optional[ValidateConfig] = Field(None, alias="validate")
     bench: Optional[BenchConfig] = None
 

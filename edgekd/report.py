@@ -337,9 +337,34 @@ def _count(n: Any) -> str:
     return str(int(n))
 
 
-def _tables(validation: dict[str, Any], bench: dict[str, Any], device_rows: list[dict[str, Any]]
-            ) -> list[tuple[str, list[str], list[list[str]]]]:
+def ptq_vs_qat_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Per int8 file made both ways: PTQ and QAT-KD test accuracy side by side (from metrics.json).
+
+    A QAT file is ``<stem>_qat.<ext>`` next to the PTQ file ``<stem>.<ext>`` (``student_pruned_int8_qat.tflite``
+    and ``student_pruned_int8.tflite``); its metrics carry how long the QAT fine-tuning took.
+    """
+    rows = []
+    for name, m in sorted(metrics.items()):
+        if not (isinstance(m, dict) and str(m.get("route", "")).startswith("qat")):
+            continue
+        stem, _, ext = name.rpartition(".")
+        ptq_name = f"{stem.removesuffix('_qat')}.{ext}"
+        ptq = metrics.get(ptq_name) if isinstance(metrics.get(ptq_name), dict) else None
+        ptq_acc, qat_acc = (ptq or {}).get("test_accuracy"), m.get("test_accuracy")
+        gain = (f"{100 * (qat_acc - ptq_acc):+.2f} pt" if ptq_acc is not None and qat_acc is not None else "—")
+        rows.append([ptq_name if ptq else "—", _f(ptq_acc), name, _f(qat_acc), gain,
+                     _f((m.get("qat") or {}).get("seconds"), ".0f")])
+    return rows
+
+
+def _tables(validation: dict[str, Any], bench: dict[str, Any], device_rows: list[dict[str, Any]],
+            metrics: dict[str, Any] | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
+    qat_rows = ptq_vs_qat_rows(metrics or {})
+    if qat_rows:
+        out.append(("int8: post-training quantization vs quantization-aware distillation",
+                    ["PTQ file", "PTQ accuracy", "QAT-KD file", "QAT-KD accuracy", "QAT − PTQ", "QAT fine-tune s"],
+                    qat_rows))
     v = validation.get("rows", [])
     if v:
         out.append(("Accuracy (every model, every runtime that can run it)",
@@ -468,7 +493,7 @@ class Analysis:
 
     def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
         """Every table of the report: accuracy, latency, devices, then microcontrollers."""
-        return _tables(self.validation, self.bench, self.device_rows) + mcu_tables(self.mcu_files)
+        return _tables(self.validation, self.bench, self.device_rows, self.metrics) + mcu_tables(self.mcu_files)
 
 
 def _speed_of(bench_rows: list[dict[str, Any]], rec: Recommendation, teacher_acc: float | None

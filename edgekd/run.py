@@ -29,9 +29,9 @@ from edgekd.run_dir import MANIFEST, RunDir
 
 log = logging.getLogger(__name__)
 
-STAGES = ("distill", "prune", "export", "validate", "bench", "report")
+STAGES = ("distill", "prune", "export", "qat", "validate", "bench", "report")
 # Recipe keys the distill stage does not read: they may change without retraining.
-_LATER_SECTIONS = ("prune", "export", "validate", "bench")
+_LATER_SECTIONS = ("prune", "export", "qat", "validate", "bench")
 
 
 def _section_sha(recipe: Recipe, stage: str) -> str:
@@ -195,6 +195,14 @@ def _later_stages(p: _Progress, quiet: bool) -> None:
                  + (", ".join(recipe.export.quantize) or "no quantization"))
         _run_export(p, quiet)
         p.done("export")
+    if p.should_run("qat", recipe.qat):
+        from edgekd.export.qat import run_qat
+
+        # int8 files by QAT-KD next to (or, without int8 in export.quantize, instead of) the PTQ ones.
+        log.info(f"[qat] quantization-aware distillation: {recipe.qat.epochs} epochs of KD with int8 fake quantization")
+        run_qat(p.rd, cfg=recipe.qat, quiet=quiet, log=None if quiet else log.info,
+                resume=not (p.upstream_ran or p.force))
+        p.done("qat")
     if p.should_run("validate", recipe.validate_):
         log.info("[validate] accuracy and agreement of every model in every runtime")
         run_validate(p.rd)

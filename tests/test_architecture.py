@@ -46,3 +46,13 @@ def test_the_length_check_finds_a_long_function(tmp_path):
     path = tmp_path / "probe.py"
     path.write_text(f"def long():\n{body}\n    return 0\n\n\ndef short():\n{body}\n")
     assert _long_functions(path, tmp_path) == ["probe.py:1 long (101 lines)"]
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject's hand-written `packages` list names every package under edgekd/ (a missing one imports from a
+    checkout but not from an installed wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "edgekd").rglob("__init__.py")}
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
