@@ -295,7 +295,7 @@ def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_met
         qat_cfg = merge_section(rd / "recipe.yaml", "qat", overrides, command="quantize --qat")
         report = run_qat(rd, out, cfg=qat_cfg, int8_io=int8_io, resume=resume, verify=not no_verify,
                          log=None if quiet else click.echo, quiet=quiet)
-        click.echo(summary_table(report.rd))
+        click.echo(summary_table(rd))
         report.raise_for_problems()
         return
     if resume:

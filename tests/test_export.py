@@ -385,7 +385,9 @@ def test_exports_the_pruned_student_when_the_run_has_one(tiny_run, tmp_path):
     res = CliRunner().invoke(cli, ["export", "--run", str(run), "--quantize", "none", "--no-teacher", "-q"])
     assert res.exit_code == 0, res.output
     meta = json.loads((run / "metadata.json").read_text())
-    assert {e["file"] for e in meta["models"]} == {"student_pruned_fp32.onnx", "student_pruned_fp32.tflite"}
+    # An image run also gets the app-profile file of each precision.
+    assert {e["file"] for e in meta["models"]} == {"student_pruned_fp32.onnx", "student_pruned_fp32.tflite",
+                                                   "student_pruned_app_fp32.tflite"}
     assert all(e["model"] == "student_pruned" and e["verified"] for e in meta["models"])
     metrics = json.loads((run / "metrics.json").read_text())
     # Parity is against the pruned PyTorch model, whose accuracy prune recorded.

@@ -56,16 +56,19 @@ def test_qat_int8_files_agree_with_the_fake_quantized_model(tiny_run, tmp_path):
     from edgekd.quant import convert_qat
     from edgekd.quant.qat import top1
 
+    # The model quantized here is the tiny run's trained teacher (width 8): a near-chance model (the width-2
+    # student, ~0.36) has near-tied logits, where int8 kernels and fake quantization legitimately round a few
+    # samples apart, so agreement would measure ties rather than the export.
     student, _qat_student.teacher = _run_models(tiny_run)
+    student = _qat_student.teacher
     data = _data(tmp_path)
     qat, result = _qat_student(student, data, 2, tmp_path / "qat.state.pt")
     assert [row["epoch"] for row in result.history] == [1, 2]
     x = _test_inputs(data)
     fake = top1(qat, x)
-    # Fake quantization keeps what the float student knew (the tiny run's width-2 student is weak: ~0.36).
     labels = np.array([int(data.test[i][1]) for i in range(len(data.test))])
     float_acc = (top1(student, x) == labels).mean()
-    assert float_acc > 0.2
+    assert float_acc > 0.6
     assert (fake == labels).mean() >= float_acc - 0.05
 
     converted = convert_qat(qat)

@@ -148,7 +148,7 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
     fmts = list(formats or ecfg.formats)
     _check_writable(rd)
     session = _Session(rd, ecfg, verify, log)
-    report = ExportReport(rd)
+    report = ExportReport(run=str(rd.path))
     exporter = _Exporter(session, report)
     t0 = time.perf_counter()
     rd.stage_started("qat")
