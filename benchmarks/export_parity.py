@@ -39,7 +39,7 @@ def _other_route(rd: RunDir, chosen: str) -> dict | None:
     from edgekd.export.tflite import ROUTE_AEQ, ROUTE_PT2E, quantize_aeq, quantize_pt2e
     from edgekd.recipe import ExportConfig
 
-    session = pipeline._Session(rd, ExportConfig(), True, lambda _m: None)
+    session = pipeline.ExportSession(rd, ExportConfig(), True, lambda _m: None)
     target = pipeline.student_target(rd)
     other = ROUTE_AEQ if chosen == ROUTE_PT2E else ROUTE_PT2E
     path = rd.path / f"{target.name}_int8_{other}.tflite"

@@ -42,7 +42,13 @@ def test_integer_shift_fills_with_zeros():
 
 def test_flip_and_quarter_turn_match_exact_pixel_moves():
     flipped = _apply(RAMP, _params(theta=_theta(flip=-1.0)))
-    assert torch.allclose(flipped, RAMP.flip(-1), atol=1e-5)
+    assert torch.equal(flipped, RAMP.flip(-1))  # flip-only views move pixels exactly (no resampling)
+    # a batch mixing flipped and unflipped samples, and a near-flip that must be resampled
+    both = _apply(torch.cat([RAMP, RAMP]), _params(theta=torch.cat([_theta(flip=-1.0), _theta()])))
+    assert torch.equal(both[0], RAMP[0].flip(-1)) and torch.equal(both[1], RAMP[0])
+    nudged = _apply(RAMP, _params(theta=_theta(flip=-1.0, cx=0.25)))  # half a pixel of a 4-px image: resampled
+    assert not torch.equal(nudged, RAMP.flip(-1))
+    assert torch.allclose(nudged[0, 0, :, 1:], (RAMP.flip(-1)[0, 0, :, 1:] + RAMP.flip(-1)[0, 0, :, :-1]) / 2, atol=1e-5)
     turned = _apply(RAMP, _params(theta=_theta(ang_deg=90.0)))
     # output (row r, col c) reads input at x_in = -y_out, y_in = x_out: input row c, column 3 - r
     expected = torch.tensor([[RAMP[0, 0, c, 3 - r] for c in range(4)] for r in range(4)])

@@ -77,12 +77,26 @@ def test_qat_int8_files_agree_with_the_fake_quantized_model(tiny_run, tmp_path):
     assert write_qat_onnx(converted, sample, onnx_path) == ROUTE_QAT_ONNX
     assert write_qat_tflite(converted, sample, tfl_path, nhwc=True, io_type="float32") == ROUTE_QAT_TFLITE
 
-    # The ONNX file is QDQ with the learned (not recalibrated) per-channel weight scales.
-    ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    # The ONNX file is QDQ with the learned (not recalibrated) per-channel weight scales, its weights stored
+    # as int8 (no float weight is quantized at run time).
+    proto = onnx.load(str(onnx_path))
+    ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert not [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) == sum(isinstance(m, torch.nn.Conv2d) for m in student.modules())
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_top1 = sess.run(None, {"input": x})[0].argmax(1)
+    logits = sess.run(None, {"input": x})[0]
+    onnx_top1 = logits.argmax(1)
     assert (onnx_top1 == fake).mean() >= 0.99
+    # Folding changed the file, not the numbers: the unfolded export (float weights) gives the same logits.
+    from edgekd.export.onnx import export_onnx
+
+    export_onnx(converted, sample, tmp_path / "unfolded.onnx")
+    assert onnx_path.stat().st_size < 0.8 * (tmp_path / "unfolded.onnx").stat().st_size
+    unfolded = ort.InferenceSession(str(tmp_path / "unfolded.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(unfolded.run(None, {"input": x})[0], logits, rtol=0, atol=1e-5)
 
     it = Interpreter(model_path=str(tfl_path))
     it.allocate_tensors()

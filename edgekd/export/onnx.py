@@ -30,7 +30,8 @@ ROUTE_FP16 = "onnxruntime-float16"
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
-def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, what: str = "the model") -> str:
+def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, what: str = "the model",
+                fold_weights: bool = False) -> str:
     """Export ``model`` to one self-contained, checked and simplified ONNX file.
 
     Args:
@@ -38,6 +39,8 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, what: str = 
         sample: Normalized example input (batch >= 1, NCHW or NF).
         path: Destination; written atomically.
         what: Name of the model for error messages.
+        fold_weights: Store quantized weights as int8 initializers (:func:`fold_weight_quantization`), for
+            graphs that quantize float weights at run time (converted PT2E QAT models).
 
     Returns:
         The route name.
@@ -68,12 +71,56 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, what: str = 
         with quiet():
             onnx.checker.check_model(proto, full_check=True)
             slim = onnxslim.slim(proto)
+            if fold_weights:
+                fold_weight_quantization(slim)
             onnx.checker.check_model(slim, full_check=True)
     except Exception as e:
         raise conversion_error("onnx", what, e, "onnx.checker/onnxslim") from e
     with atomic_path(path) as tmp:
         onnx.save_model(slim, str(tmp), save_as_external_data=False)
     return ROUTE_FP32
+
+
+def fold_weight_quantization(model) -> int:
+    """Replace every ``QuantizeLinear`` of a constant (a float weight quantized at run time) by its int8 result.
+
+    PT2E graphs keep float weights followed by QuantizeLinear → DequantizeLinear; folding the first op stores
+    the weights as int8 initializers (what ONNX Runtime's own QDQ quantizer writes): a file ~4x smaller in its
+    weights that computes the same numbers, since the fold applies the operator's own formula
+    (``saturate(round_half_even(w / scale) + zero_point)``, per tensor or per ``axis``). Returns how many were
+    folded; the model is changed in place.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    folded = 0
+    for node in list(graph.node):
+        names = list(node.input)
+        if (node.op_type != "QuantizeLinear" or len(names) < 3 or not all(n in inits for n in names[:3])
+                or any(a.name == "block_size" and a.i for a in node.attribute)):
+            continue
+        w, scale, zero = (numpy_helper.to_array(inits[n]) for n in names[:3])
+        if scale.ndim == 1 and scale.size > 1:  # per-channel along `axis`
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+            shape = [1] * w.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        info = np.iinfo(zero.dtype)
+        q = np.clip(np.rint(w.astype(np.float32) / scale.astype(np.float32)) + zero.astype(np.int64), info.min, info.max)
+        graph.initializer.append(numpy_helper.from_array(q.astype(zero.dtype), name=node.output[0]))
+        graph.node.remove(node)
+        for n in names:
+            uses[n] -= 1
+        folded += 1
+    for name, count in uses.items():  # float weights (and scales) nothing reads any more
+        if count == 0 and name in inits and name not in {o.name for o in graph.output}:
+            graph.initializer.remove(inits[name])
+    return folded
 
 
 class _Reader:

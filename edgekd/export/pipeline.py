@@ -73,7 +73,7 @@ class Target:
     checkpoint: str  # file in the run directory it was loaded from
 
 
-def _load_recipe(rd: RunDir) -> Recipe | None:
+def load_run_recipe(rd: RunDir) -> Recipe | None:
     from edgekd.recipe import read_yaml, validate_recipe
 
     path = rd / "recipe.yaml"
@@ -95,7 +95,7 @@ def student_target(rd: RunDir) -> Target:
     return Target("student", load_model(rd / "student.pt"), "student.pt")
 
 
-def _check_writable(rd: RunDir) -> None:
+def check_writable(rd: RunDir) -> None:
     try:
         with atomic_path(rd / ".edgekd-write-check") as tmp:
             tmp.write_text("ok")
@@ -105,12 +105,12 @@ def _check_writable(rd: RunDir) -> None:
                           "make the run directory writable, or copy it elsewhere and pass --run") from e
 
 
-class _Session:
+class ExportSession:
     """What every file of one export/quantize call shares: the run's data, references and settings."""
 
     def __init__(self, rd: RunDir, cfg: ExportConfig, verify: bool, log: Log):
         self.rd, self.cfg, self.verify, self.log = rd, cfg, verify, log
-        self.recipe = _load_recipe(rd)
+        self.recipe = load_run_recipe(rd)
         info_path = rd / "data.json"
         if not info_path.is_file():
             raise RunDirError(f"run {rd.path} has no data.json", "export works on run directories from `edgekd distill`")
@@ -222,13 +222,13 @@ def _numbers_line(precision: str, numbers: dict[str, Any]) -> str:
             f"agreement {100 * numbers['agreement']:.2f}%, parity {numbers['parity']:.1e}")
 
 
-class _Exporter:
-    def __init__(self, session: _Session, report: ExportReport):
+class Exporter:
+    def __init__(self, session: ExportSession, report: ExportReport):
         self.s = session
         self.r = report
         self.entries: list[dict[str, Any]] = []
 
-    def _finish_file(self, path: Path, entry: dict[str, Any], target: Target, precision: str,
+    def finish_file(self, path: Path, entry: dict[str, Any], target: Target, precision: str,
                      numbers: dict[str, Any] | None, problem: str | None, extra: dict[str, Any]) -> None:
         s = self.s
         entry["verified"] = None if numbers is None else problem is None
@@ -270,7 +270,7 @@ class _Exporter:
         problem = parity.problem(numbers, "fp32", s.cfg.tolerance) if numbers else None
         if problem:
             self.r.problems.append(f"{path.name}: {problem}")
-        self._finish_file(path, entry, target, "fp32", numbers, problem, {})
+        self.finish_file(path, entry, target, "fp32", numbers, problem, {})
         return True
 
     def quantize(self, target: Target, fmt: str, precision: str, fp32_entry: dict[str, Any]) -> None:
@@ -330,7 +330,7 @@ class _Exporter:
                 extra["divergence"] = {**div.as_dict(), "description": div.describe()}
             where = f"; {div.describe()}" if div is not None else ""
             self.r.problems.append(f"{path.name}: {problem}{where}")
-        self._finish_file(path, entry, target, precision, numbers, problem, extra)
+        self.finish_file(path, entry, target, precision, numbers, problem, extra)
     def export_mcu(self, target: Target) -> None:
         """Write ``<target>_mcu.tflite`` and the firmware sources from the int8 TFLite file just written."""
         from edgekd.export.mcu import export_mcu
@@ -365,7 +365,7 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _merge_cfg(rd: RunDir, recipe: Recipe | None, cfg: ExportConfig | None, **overrides: Any) -> ExportConfig:
+def merge_export_config(rd: RunDir, recipe: Recipe | None, cfg: ExportConfig | None, **overrides: Any) -> ExportConfig:
     """Export settings: ``cfg`` or the run recipe's ``export`` section or the defaults, then overrides.
 
     Raises:
@@ -396,7 +396,7 @@ def check_formats(formats: list[str]) -> None:
             get_backend(name)
 
 
-def _record(rd: RunDir, stage: str, report: ExportReport, session: _Session, entries: list[dict[str, Any]],
+def _record(rd: RunDir, stage: str, report: ExportReport, session: ExportSession, entries: list[dict[str, Any]],
             t0: float, error: str | None = None) -> None:
     meta_mod.write_metadata(rd, entries, session.labels, session.norm)
     if not (rd / "labels.txt").is_file():
@@ -411,8 +411,8 @@ def _record(rd: RunDir, stage: str, report: ExportReport, session: _Session, ent
                   artifacts=files + [meta_mod.METADATA], **info)
 
 
-def _run_and_record(work: Callable[[], None], rd: RunDir, stage: str, report: ExportReport, session: _Session,
-                    exporter: "_Exporter", t0: float) -> None:
+def run_and_record(work: Callable[[], None], rd: RunDir, stage: str, report: ExportReport, session: ExportSession,
+                    exporter: "Exporter", t0: float) -> None:
     """Run the stage; whatever happens, describe the files it did write in metadata.json and the manifest."""
     error: EdgeKDError | None = None
     try:
@@ -471,20 +471,20 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
         if not formats:
             raise ExportError("no format selected", "pass --format NAME, or --onnx and/or --tflite")
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
-    cfg = _merge_cfg(rd, _load_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
+    cfg = merge_export_config(rd, load_run_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
                      calibration_method=calibration_method, teacher=teacher, ort=ort)
     if app is not None:
         cfg = cfg.model_copy(update={"app": cfg.app.model_copy(update={"enabled": app})})
     targets = _export_targets(rd, cfg, log)
-    _check_writable(rd)
-    session = _Session(rd, cfg, verify, log)
+    check_writable(rd)
+    session = ExportSession(rd, cfg, verify, log)
     plan = _app_plan(session, cfg)  # bad app settings fail here, before anything is written
     if cfg.nhwc and session.layout != "NCHW":
         log(f"--nhwc ignored: the inputs are {session.layout}, not images")
     t0 = time.perf_counter()
     rd.stage_started("export")
     report = ExportReport(run=str(rd.path))
-    exporter = _Exporter(session, report)
+    exporter = Exporter(session, report)
     def work() -> None:
         _export_all(exporter, cfg, targets)
         if plan is not None:
@@ -492,7 +492,7 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
         if cfg.ort:
             _export_ort(session, exporter, targets[0])
 
-    _run_and_record(work, rd, "export", report, session, exporter, t0)
+    run_and_record(work, rd, "export", report, session, exporter, t0)
     if cfg.quantize and report.ok:
         # Export quantized the student too; record it so `edgekd run` does not quantize the same files again.
         rd.stage_done("quantize", via="export", precisions=list(cfg.quantize))
@@ -520,7 +520,7 @@ def _export_targets(rd: RunDir, cfg: ExportConfig, log: Log) -> list[Target]:
     return targets
 
 
-def _export_all(exporter: "_Exporter", cfg: ExportConfig, targets: list[Target]) -> None:
+def _export_all(exporter: "Exporter", cfg: ExportConfig, targets: list[Target]) -> None:
     """Every format: the fp32 file of each target, then the quantized files of the student."""
     for fmt in cfg.formats:
         if fmt in DERIVED_FORMATS:
@@ -562,18 +562,18 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
     log = log or (print if not quiet else (lambda _msg: None))
     wanted = parse_precisions(precisions, "--precision") if precisions is not None else None
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
-    cfg = _merge_cfg(rd, _load_recipe(rd), cfg, quantize=wanted, int8_io=int8_io,
+    cfg = merge_export_config(rd, load_run_recipe(rd), cfg, quantize=wanted, int8_io=int8_io,
                      calibration_method=calibration_method)
     if not cfg.quantize:
         raise ExportError("no precision to quantize to", "pass --precision int8 (or fp16, dynamic)")
     chosen = _fp32_files(rd, files)
-    _check_writable(rd)
-    session = _Session(rd, cfg, verify, log)
+    check_writable(rd)
+    session = ExportSession(rd, cfg, verify, log)
     targets: dict[str, Target] = {}
     t0 = time.perf_counter()
     rd.stage_started("quantize")
     report = ExportReport(run=str(rd.path))
-    exporter = _Exporter(session, report)
+    exporter = Exporter(session, report)
 
     def work() -> None:
         for e in chosen:
@@ -582,7 +582,7 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
             for precision in cfg.quantize:
                 exporter.quantize(targets[e["model"]], e["format"], precision, e)
 
-    _run_and_record(work, rd, "quantize", report, session, exporter, t0)
+    run_and_record(work, rd, "quantize", report, session, exporter, t0)
     if check:
         report.raise_for_problems()
     return report
@@ -617,7 +617,7 @@ def _fp32_files(rd: RunDir, files: list[str] | None) -> list[dict[str, Any]]:
     return chosen
 
 
-def _app_plan(session: _Session, cfg: ExportConfig) -> tuple[Any, list[str]] | None:
+def _app_plan(session: ExportSession, cfg: ExportConfig) -> tuple[Any, list[str]] | None:
     """The app spec and labels when app-profile files are to be written (None: not asked, or not images).
 
     Raises:
@@ -640,7 +640,7 @@ def _app_plan(session: _Session, cfg: ExportConfig) -> tuple[Any, list[str]] | N
     return spec, labels
 
 
-def _export_app(session: _Session, exporter: _Exporter, target: Target, plan: tuple[Any, list[str]]) -> None:
+def _export_app(session: ExportSession, exporter: Exporter, target: Target, plan: tuple[Any, list[str]]) -> None:
     """Write the app-profile .tflite files of the student and merge their records into the export's."""
     from edgekd.export.app_files import AppJob, export_app_files
 
@@ -660,7 +660,7 @@ def _export_app(session: _Session, exporter: _Exporter, target: Target, plan: tu
         write_json_atomic(s.rd / METRICS, all_metrics)
 
 
-def _export_ort(session: _Session, exporter: _Exporter, target: Target) -> None:
+def _export_ort(session: ExportSession, exporter: Exporter, target: Target) -> None:
     """Convert the student's .onnx files to .ort (ONNX Runtime Mobile) and verify each like its .onnx."""
     from edgekd.export.onnx_app import ORT_CONFIG, convert_to_ort
 
@@ -689,7 +689,7 @@ def _export_ort(session: _Session, exporter: _Exporter, target: Target) -> None:
             problem = f"accuracy {numbers['test_accuracy']:.4f} differs from {src['file']}'s {src_acc:.4f}"
         if problem:
             exporter.r.problems.append(f"{path.name}: {problem}")
-        exporter._finish_file(path, entry, target, src["precision"], numbers, problem, {"source": src["file"]})
+        exporter.finish_file(path, entry, target, src["precision"], numbers, problem, {"source": src["file"]})
     exporter.r.files.append(ORT_CONFIG)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgekd.export.common import conversion_error, quiet
 from edgekd.export.onnx import export_onnx
-from edgekd.export.tflite import _file_model, _has_int8_io, retype_io
+from edgekd.export.tflite import file_model_for, has_int8_io, retype_io
 from edgekd.run_dir import atomic_path
 
 ROUTE_QAT_TFLITE = "qat-litert-torch-pt2e"
@@ -50,7 +50,7 @@ def write_qat_tflite(converted: nn.Module, sample: torch.Tensor, path: Path, *, 
         import litert_torch
         from litert_torch.quantize import quant_config
 
-    file_model, file_sample = _file_model(converted, sample[:1], nhwc)
+    file_model, file_sample = file_model_for(converted, sample[:1], nhwc)
     with atomic_path(path) as tmp:
         with quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -62,18 +62,18 @@ def write_qat_tflite(converted: nn.Module, sample: torch.Tensor, path: Path, *, 
                 raise conversion_error("tflite (QAT)", what, e, "litert-torch PT2E") from e
         if io_type != "int8":
             data = tmp.read_bytes()
-            if _has_int8_io(data):
+            if has_int8_io(data):
                 tmp.write_bytes(retype_io(data, io_type))
     return ROUTE_QAT_TFLITE
 
 
 def write_qat_onnx(converted: nn.Module, sample: torch.Tensor, path: Path, *, what: str = "the QAT student") -> str:
-    """Write a converted QAT graph as a QDQ ONNX file (float32 I/O, dynamic batch, per-channel weights).
+    """Write a converted QAT graph as a QDQ ONNX file (float32 I/O, dynamic batch, per-channel int8 weights).
 
     Returns:
         The route name (recorded as ``route`` in metadata.json).
     """
-    export_onnx(converted, sample, path, what=what)
+    export_onnx(converted, sample, path, what=what, fold_weights=True)  # int8 weights in the file
     return ROUTE_QAT_ONNX
 
 
@@ -125,9 +125,8 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
     from edgekd.errors import RunDirError
     from edgekd.export import metadata as meta_mod
     from edgekd.export import parity
-    from edgekd.export.pipeline import (ExportReport, Target, _check_writable, _Exporter, _load_recipe,
-                                        _merge_cfg, _run_and_record, _Session,
-                                        student_target)
+    from edgekd.export.pipeline import (Exporter, ExportReport, ExportSession, Target, check_writable,
+                                        load_run_recipe, merge_export_config, run_and_record, student_target)
     from edgekd.models import load_model
     from edgekd.quant import calibrate, convert_qat, finetune_qat, prepare_qat
     from edgekd.recipe import QATConfig
@@ -135,7 +134,7 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
 
     log = log or (print if not quiet else (lambda _msg: None))
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
-    recipe = _load_recipe(rd)
+    recipe = load_run_recipe(rd)
     if recipe is None:
         raise RunDirError(f"run {rd.path} has no recipe.yaml, so its training data cannot be found for QAT",
                           "run `edgekd distill` again, or quantize without --qat")
@@ -144,12 +143,12 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
         raise RunDirError(f"run {rd.path} has no teacher.pt to distill from during QAT",
                           "run `edgekd distill` to finish the run first")
     qat_cfg = cfg or recipe.qat or QATConfig()
-    ecfg = _merge_cfg(rd, recipe, None, int8_io=int8_io)
+    ecfg = merge_export_config(rd, recipe, None, int8_io=int8_io)
     fmts = list(formats or ecfg.formats)
-    _check_writable(rd)
-    session = _Session(rd, ecfg, verify, log)
+    check_writable(rd)
+    session = ExportSession(rd, ecfg, verify, log)
     report = ExportReport(run=str(rd.path))
-    exporter = _Exporter(session, report)
+    exporter = Exporter(session, report)
     t0 = time.perf_counter()
     rd.stage_started("qat")
 
@@ -172,7 +171,7 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
         for fmt in fmts:
             _write_one(session, report, exporter, reference, converted, fmt, ecfg, info, meta_mod, parity)
 
-    _run_and_record(work, rd, "qat", report, session, exporter, t0)
+    run_and_record(work, rd, "qat", report, session, exporter, t0)
     if check:
         report.raise_for_problems()
     return report
@@ -201,4 +200,4 @@ def _write_one(session, report, exporter, target, converted, fmt, ecfg, info, me
     problem = parity.problem(numbers, "int8", ecfg.tolerance) if numbers else None
     if problem:
         report.problems.append(f"{path.name}: {problem}")
-    exporter._finish_file(path, entry, target, "int8", numbers, problem, dict(info))
+    exporter.finish_file(path, entry, target, "int8", numbers, problem, dict(info))

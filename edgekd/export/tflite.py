@@ -55,7 +55,7 @@ class _ChannelsLast(nn.Module):
         return self.model(x.permute(0, 3, 1, 2))
 
 
-def _file_model(model: nn.Module, sample: torch.Tensor, nhwc: bool) -> tuple[nn.Module, torch.Tensor]:
+def file_model_for(model: nn.Module, sample: torch.Tensor, nhwc: bool) -> tuple[nn.Module, torch.Tensor]:
     """The module and sample input the .tflite file is traced from (NHWC-wrapped for image models)."""
     model = model.eval()
     if nhwc and sample.ndim == 4:
@@ -83,7 +83,7 @@ def export_tflite(model: nn.Module, sample: torch.Tensor, path: Path, *, nhwc: b
     with quiet():  # litert-torch and TensorFlow's runtime log a screenful on import
         import litert_torch
 
-    file_model, file_sample = _file_model(model, sample, nhwc)
+    file_model, file_sample = file_model_for(model, sample, nhwc)
     with atomic_path(path) as tmp:
         try:
             with quiet(), torch.no_grad():
@@ -198,7 +198,7 @@ def quantize_pt2e(model: nn.Module, sample: torch.Tensor, out_path: Path, precis
 
     if precision not in ("int8", "dynamic"):
         raise ExportError(f"the PT2E route has no {precision} quantization")
-    file_model, file_sample = _file_model(model, sample, nhwc)
+    file_model, file_sample = file_model_for(model, sample, nhwc)
     dynamic = precision == "dynamic"
     with atomic_path(out_path) as tmp:
         with quiet(), warnings.catch_warnings():
@@ -223,7 +223,7 @@ def quantize_pt2e(model: nn.Module, sample: torch.Tensor, out_path: Path, precis
                 raise conversion_error("tflite (PT2E)", what, e, "litert-torch PT2E") from e
         if precision == "int8" and io_type != "int8":
             data = tmp.read_bytes()
-            if _has_int8_io(data):
+            if has_int8_io(data):
                 tmp.write_bytes(retype_io(data, io_type))
 
 
@@ -231,7 +231,7 @@ def _to_file_layout(x: torch.Tensor, nhwc: bool) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous() if nhwc and x.ndim == 4 else x
 
 
-def _has_int8_io(data: bytes) -> bool:
+def has_int8_io(data: bytes) -> bool:
     """Whether any model input or output is int8 (a softmax PT2E leaves in float gives int8 in, float out)."""
     from ai_edge_litert.interpreter import Interpreter
 
