@@ -172,3 +172,31 @@ def test_typed_distill_and_prune_results_read_the_runs_metrics(tiny_run: Path):
     assert result.student.test_accuracy == metrics["student"]["test_accuracy"]
     assert result.kd_gain == pytest.approx(metrics["student"]["test_accuracy"] - metrics["baseline"]["test_accuracy"])
     assert PruneResult.read(rd) is None  # the tiny run was not pruned
+
+
+def test_run_with_a_qat_section_writes_ptq_and_qat_files_and_reports_both(tiny_run: Path, tmp_path: Path):
+    """`edgekd run` picks QAT by the recipe: a `qat:` section adds the QAT stage after export, its files sit next
+    to the PTQ ones, and the report puts the two accuracies side by side."""
+    import shutil
+
+    out = tmp_path / "exported"
+    shutil.copytree(tiny_run, out / "tiny")
+    recipe = write_recipe(tmp_path / "q.yaml", export={"formats": ["tflite"], "quantize": ["int8"], "teacher": False,
+                                                      "app": {"enabled": False}},
+                          qat={"epochs": 1, "lr": 0.001}, validate={"max_accuracy_drop": 1.0})
+    code, text = _run(str(recipe), "--out", str(out), "-q")
+    assert code == 0, text
+    assert "stages run: export, qat, validate, report" in text
+    run = out / "tiny"
+    assert RunDir(run).stage_status("qat") == "done"
+    entries = {e["file"]: e for e in json.loads((run / "metadata.json").read_text())["models"]}
+    assert entries["student_int8_qat.tflite"]["route"].startswith("qat-")
+    assert not entries["student_int8.tflite"]["route"].startswith("qat-")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["student_int8_qat.tflite"]["qat"]["epochs"] == 1
+    md = (run / "report.md").read_text()
+    assert "| student_int8.tflite |" in md and "student_int8_qat.tflite" in md and "QAT − PTQ" in md
+    # Without the section nothing is quantization-aware: a second run of the same recipe minus `qat` skips it.
+    code, text = _run(str(recipe), "--out", str(out), "-q", "--set", "qat=null")
+    assert code == 0, text
+    assert "qat (not in the recipe)" in text
