@@ -202,3 +202,17 @@ def test_report_puts_ptq_and_qat_accuracy_side_by_side():
         ["—", "-", "student_pruned_int8_qat.onnx", "0.9620", "—", "-"],
         ["student_pruned_int8.tflite", "0.9510", "student_pruned_int8_qat.tflite", "0.9630", "+1.20 pt", "41"],
     ]
+
+
+def test_qat_formats_skip_what_qat_cannot_write_and_refuse_it_when_asked():
+    from edgekd.errors import ExportError
+    from edgekd.export.qat import qat_formats
+
+    said = []
+    assert qat_formats(None, ["onnx", "tflite", "mcu"], said.append) == ["onnx", "tflite"]
+    assert said == ["QAT: mcu not written from the QAT student (only onnx, tflite)"]
+    assert qat_formats(["tflite"], ["onnx"], said.append) == ["tflite"]
+    with pytest.raises(ExportError, match="QAT cannot write format 'mcu'"):
+        qat_formats(["mcu"], ["onnx"], said.append)
+    with pytest.raises(ExportError, match="lists neither"):
+        qat_formats(None, ["mcu"], said.append)

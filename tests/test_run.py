@@ -181,8 +181,9 @@ def test_run_with_a_qat_section_writes_ptq_and_qat_files_and_reports_both(tiny_r
 
     out = tmp_path / "exported"
     shutil.copytree(tiny_run, out / "tiny")
-    recipe = write_recipe(tmp_path / "q.yaml", export={"formats": ["tflite"], "quantize": ["int8"], "teacher": False,
-                                                      "app": {"enabled": False}},
+    # mcu, as in the default recipe: QAT writes what it can (tflite), the export stage writes the mcu file.
+    recipe = write_recipe(tmp_path / "q.yaml", export={"formats": ["tflite", "mcu"], "quantize": ["int8"],
+                                                      "teacher": False, "app": {"enabled": False}},
                           qat={"epochs": 1, "lr": 0.001}, validate={"max_accuracy_drop": 1.0})
     code, text = _run(str(recipe), "--out", str(out), "-q")
     assert code == 0, text
@@ -192,6 +193,8 @@ def test_run_with_a_qat_section_writes_ptq_and_qat_files_and_reports_both(tiny_r
     entries = {e["file"]: e for e in json.loads((run / "metadata.json").read_text())["models"]}
     assert entries["student_int8_qat.tflite"]["route"].startswith("qat-")
     assert not entries["student_int8.tflite"]["route"].startswith("qat-")
+    assert "student_mcu.tflite" in entries and not any(f.startswith("student_int8_qat") and f != "student_int8_qat.tflite"
+                                                       for f in entries)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["student_int8_qat.tflite"]["qat"]["epochs"] == 1
     md = (run / "report.md").read_text()

@@ -94,6 +94,32 @@ def _train_config(qat_cfg):
     return TrainConfig(**{k: v for k, v in qat_cfg.model_dump().items() if k in TrainConfig.model_fields})
 
 
+QAT_FORMATS = ("onnx", "tflite")
+
+
+def qat_formats(requested: list[str] | None, recipe_formats: list[str], log) -> list[str]:
+    """The formats QAT writes: those asked for, else the recipe's export formats QAT can write (onnx, tflite).
+
+    Raises:
+        ExportError: A format asked for that QAT cannot write, or none of the recipe's (before any training).
+    """
+    from edgekd.errors import ExportError
+
+    if requested:
+        bad = [f for f in requested if f not in QAT_FORMATS]
+        if bad:
+            raise ExportError(f"QAT cannot write format {bad[0]!r}", f"choose from: {', '.join(QAT_FORMATS)}")
+        return list(requested)
+    fmts = [f for f in recipe_formats if f in QAT_FORMATS]
+    skipped = [f for f in recipe_formats if f not in QAT_FORMATS]
+    if not fmts:
+        raise ExportError(f"QAT writes only {' and '.join(QAT_FORMATS)} files, and export.formats lists neither",
+                          "add onnx or tflite to export.formats")
+    if skipped:
+        log(f"QAT: {', '.join(skipped)} not written from the QAT student (only {', '.join(QAT_FORMATS)})")
+    return fmts
+
+
 def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = None, int8_io: str | None = None,
             resume: bool = False, verify: bool = True, log=None, quiet: bool = True, check: bool = False):
     """Quantization-aware distillation of the run's best student, written as ``<student>_int8_qat.<fmt>``.
@@ -144,7 +170,7 @@ def run_qat(run=None, out="exported", *, cfg=None, formats: list[str] | None = N
                           "run `edgekd distill` to finish the run first")
     qat_cfg = cfg or recipe.qat or QATConfig()
     ecfg = merge_export_config(rd, recipe, None, int8_io=int8_io)
-    fmts = list(formats or ecfg.formats)
+    fmts = qat_formats(formats, ecfg.formats, log)
     check_writable(rd)
     session = ExportSession(rd, ecfg, verify, log)
     report = ExportReport(run=str(rd.path))
