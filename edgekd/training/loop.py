@@ -340,8 +340,13 @@ def _progress(loader, config: FitConfig, epoch: int):
 def _train_step(run: _Run, ddp_model: nn.Module, signal: TeacherSignal, x: torch.Tensor, y: torch.Tensor,
                 idx: torch.Tensor, epoch: int, state_path: Path) -> None:
     """One optimizer step of every member on one batch."""
-    logits = ddp_model(x)
-    step_losses = signal.losses(run.loss_fn, logits, signal.targets(x, idx), y)
+    if signal.trains_teacher:  # a co-trained teacher runs after the student (their dropout draws keep this order)
+        logits = ddp_model(x)
+        targets = signal.targets(x, idx)
+    else:  # a frozen teacher first: its activations are freed before the student's, kept for backward, fill memory
+        targets = signal.targets(x, idx)
+        logits = ddp_model(x)
+    step_losses = signal.losses(run.loss_fn, logits, targets, y)
     for member, loss in zip(run.members, step_losses):
         _check_finite(loss, member.role, epoch, state_path)
     for member in run.members:
