@@ -111,7 +111,8 @@ def fold_weight_quantization(model) -> int:
             shape[axis] = scale.size
             scale, zero = scale.reshape(shape), zero.reshape(shape)
         info = np.iinfo(zero.dtype)
-        q = np.clip(np.rint(w.astype(np.float32) / scale.astype(np.float32)) + zero.astype(np.int64), info.min, info.max)
+        q = np.rint(w.astype(np.float32) / scale.astype(np.float32)) + zero.astype(np.int64)
+        q = np.clip(q, info.min, info.max)
         graph.initializer.append(numpy_helper.from_array(q.astype(zero.dtype), name=node.output[0]))
         graph.node.remove(node)
         for n in names:

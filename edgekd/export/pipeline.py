@@ -229,7 +229,7 @@ class Exporter:
         self.entries: list[dict[str, Any]] = []
 
     def finish_file(self, path: Path, entry: dict[str, Any], target: Target, precision: str,
-                     numbers: dict[str, Any] | None, problem: str | None, extra: dict[str, Any]) -> None:
+                    numbers: dict[str, Any] | None, problem: str | None, extra: dict[str, Any]) -> None:
         s = self.s
         entry["verified"] = None if numbers is None else problem is None
         self.entries.append(entry)
@@ -412,7 +412,7 @@ def _record(rd: RunDir, stage: str, report: ExportReport, session: ExportSession
 
 
 def run_and_record(work: Callable[[], None], rd: RunDir, stage: str, report: ExportReport, session: ExportSession,
-                    exporter: "Exporter", t0: float) -> None:
+                   exporter: "Exporter", t0: float) -> None:
     """Run the stage; whatever happens, describe the files it did write in metadata.json and the manifest."""
     error: EdgeKDError | None = None
     try:
@@ -471,8 +471,8 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
         if not formats:
             raise ExportError("no format selected", "pass --format NAME, or --onnx and/or --tflite")
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
-    cfg = merge_export_config(rd, load_run_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc, int8_io=int8_io,
-                     calibration_method=calibration_method, teacher=teacher, ort=ort)
+    cfg = merge_export_config(rd, load_run_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc,
+                              int8_io=int8_io, calibration_method=calibration_method, teacher=teacher, ort=ort)
     if app is not None:
         cfg = cfg.model_copy(update={"app": cfg.app.model_copy(update={"enabled": app})})
     targets = _export_targets(rd, cfg, log)
@@ -563,7 +563,7 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
     wanted = parse_precisions(precisions, "--precision") if precisions is not None else None
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
     cfg = merge_export_config(rd, load_run_recipe(rd), cfg, quantize=wanted, int8_io=int8_io,
-                     calibration_method=calibration_method)
+                              calibration_method=calibration_method)
     if not cfg.quantize:
         raise ExportError("no precision to quantize to", "pass --precision int8 (or fp16, dynamic)")
     chosen = _fp32_files(rd, files)
