@@ -136,7 +136,8 @@ def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, l
         "recipe": args.recipe or "mnist", "seeds": [r["seed"] for r in rows], "rows": rows, "epoch_cost": cost,
         "seconds": seconds, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
         "augment": trained if isinstance(trained, str) else trained.model_dump(),
-        "cost_augment": aug if isinstance(aug, str) else aug.model_dump()}, indent=2) + "\n")
+        "cost_augment": aug if isinstance(aug, str) else aug.model_dump(), "overrides": list(args.overrides)},
+        indent=2) + "\n")
 
 
 def main() -> None:
@@ -204,7 +205,9 @@ def write_table(out: Path) -> None:
     loads = ", ".join(f"{r.get('load_avg_1m', float('nan')):.1f}" for r in rows)
     r0 = rows[0]
     md = [
-        f"Recipe `{saved['recipe']}`, seeds {saved['seeds']}; teacher {r0['teacher_params']:,} params / "
+        f"Recipe `{saved['recipe']}`"
+        + "".join(f" `--set {o}`" for o in saved.get("overrides", []))
+        + f", seeds {saved['seeds']}; teacher {r0['teacher_params']:,} params / "
         f"{r0['teacher_macs']:,} MACs, student {r0['student_params']:,} params / {r0['student_macs']:,} MACs; "
         f"{cost['threads']} torch thread(s) per process.",
         "",
