@@ -118,8 +118,9 @@ def fold_weight_quantization(model) -> int:
         for n in names:
             uses[n] -= 1
         folded += 1
+    outputs = {o.name for o in graph.output}
     for name, count in uses.items():  # float weights (and scales) nothing reads any more
-        if count == 0 and name in inits and name not in {o.name for o in graph.output}:
+        if count == 0 and name in inits and name not in outputs:
             graph.initializer.remove(inits[name])
     return folded
 

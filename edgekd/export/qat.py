@@ -83,8 +83,7 @@ def _kd_loss(recipe):
     """The run's distillation loss on logits (a feature loss falls back to plain KD: the graph has no hooks)."""
     from edgekd import losses
 
-    kwargs = dict(recipe.distill.loss)
-    loss = losses.build(kwargs.pop("name"), **kwargs)
+    loss = losses.build_from_config(recipe.distill.loss)
     return losses.build("kd", temperature=4.0, alpha=1.0) if losses.needs_features(loss) else loss
 
 

@@ -3,7 +3,7 @@
 The loop calls, in order: :meth:`TeacherSignal.setup` (before the optimizer exists: a feature loss creates its
 projections there), :meth:`~TeacherSignal.prepare` (after a resume, before the first epoch: freeze, cache or
 wrap the teacher), then per epoch :meth:`~TeacherSignal.start_epoch` and, inside :meth:`~TeacherSignal.batches`,
-per batch :meth:`~TeacherSignal.targets` on the SAME (augmented) batch the student just saw, and
+per batch :meth:`~TeacherSignal.targets` on the SAME (augmented) batch the student sees, and
 :meth:`~TeacherSignal.losses`, one loss per trained model (the student's first).
 
 * :class:`NoTeacher`: supervised training (the teacher, the baseline).
