@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     run = Path(args.run)
     meta = json.loads((run / "metadata.json").read_text())
-    int8 = [e for e in meta["models"] if e["file"].endswith("_int8.tflite") and e["model"] != "teacher"]
+    int8 = [e for e in meta["models"] if e["file"].endswith("_int8.tflite") and e["model"] != "teacher"
+            and e.get("profile", "research") == "research"]  # the MCU file is made from the research int8 file
     if not int8:
         print(f"error: {run} has no int8 TFLite student file (export it with int8 in export.quantize)")
         return 2

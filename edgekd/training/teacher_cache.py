@@ -8,7 +8,9 @@ the teacher's outputs for views ``0..K-1`` are computed once and replayed: epoch
 
 Full logits are stored in float32: for tens of classes they are tiny (K x N x C x 4 bytes; 1.1 MB for
 8 views of 3,500 samples and 10 classes) and replay the teacher's outputs exactly; top-k storage would only
-pay off for thousands of classes.
+pay off for thousands of classes. The teacher runs in float32 here whatever the recipe's ``amp``: the cache is
+built once, so autocast would save little, and the replayed targets are the teacher's full-precision outputs (a
+teacher run on every batch uses the recipe's autocast, like the student).
 
 The file lives next to the run's training checkpoints, named by a key over everything the logits depend on
 (the augmentation settings, K, the seed, the train split and the teacher's weights). A changed teacher or recipe
