@@ -255,3 +255,18 @@ def test_baseline_gets_the_same_augmented_views_as_the_student(tmp_path):
         teacher=teacher, quiet=True)
     n = len(kd.inputs)
     assert n == len(base.inputs[:n]) and all(torch.equal(a, b) for a, b in zip(base.inputs[:n], kd.inputs))
+
+
+def test_mixing_partners_are_normalized_exactly_as_the_loader_normalizes_them():
+    from edgekd.data.augment import Augmenter
+
+    recipe, data, *_ = _setup("strong")
+    aug = Augmenter(recipe.data.augment, data, seed=0)
+    x, y, pos = next(iter(data.loader("train", 16)))
+    mean, std = aug._norm(x)
+    partners = torch.tensor([5, 0, 11, 5])
+    fetched = aug._fetch(partners, mean, std)
+    batch = {int(p): xi for xb, _, pb in data.loader("train", 16) for xi, p in zip(xb, pb)}
+    assert fetched.dtype == x.dtype and fetched.shape == (4, *x.shape[1:])
+    assert all(torch.equal(f, batch[int(p)]) for f, p in zip(fetched, partners))  # bit for bit, not allclose
+    assert aug._norm(x)[0] is mean  # made once per device, not per batch

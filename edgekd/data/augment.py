@@ -23,9 +23,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgekd.data.loader import normalize_batch
 from edgekd.errors import RecipeError
 from edgekd.recipe import AUGMENT_PRESETS, AugmentConfig
 
@@ -236,6 +238,7 @@ class Augmenter:
         self.data = data
         self.seed = seed
         self._view: tuple[int, ViewParams] | None = None
+        self._norms: dict[str, Any] = {}
         self.active = not is_identity(self.cfg)
         if self.active and data.layout != "NCHW":
             raise RecipeError(f"data.augment {spec!r} needs images, but {data.source} holds feature vectors",
@@ -258,10 +261,8 @@ class Augmenter:
         if not self.active:
             return x, y
         p = self.params(view)
-        dev = x.device
-        mean = torch.tensor(self.data.mean, dtype=x.dtype, device=dev).view(-1, 1, 1)
-        std = torch.tensor(self.data.std, dtype=x.dtype, device=dev).view(-1, 1, 1)
-        out = apply_view(x, torch.as_tensor(idx), p, mean, std, fetch=lambda j: self._fetch(j, dev))
+        mean, std = self._norm(x)
+        out = apply_view(x, torch.as_tensor(idx), p, mean, std, fetch=lambda j: self._fetch(j, mean, std))
         if not self.mixes:
             return out, y
         t = targets(y, torch.as_tensor(idx), p, self._labels, self.data.num_classes)
@@ -269,8 +270,18 @@ class Augmenter:
             t = t.argmax(1)
         return out, t
 
-    def _fetch(self, j: torch.Tensor, dev: torch.device) -> torch.Tensor:
-        return torch.stack([self.data.train[int(i)][0] for i in j]).to(dev)
+    def _norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's mean and std as (C, 1, 1) tensors of ``x``'s dtype and device, made once per device."""
+        key = (x.dtype, x.device)
+        if self._norms.get("key") != key:
+            as_t = lambda v: torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # noqa: E731
+            self._norms = {"key": key, "value": (as_t(self.data.mean), as_t(self.data.std))}
+        return self._norms["value"]
+
+    def _fetch(self, j: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The mixing partners ``j`` (split positions), read in one call and normalized as the loader does."""
+        raw = self.data.train.take_raw(j.cpu().numpy())
+        return normalize_batch(torch.from_numpy(np.ascontiguousarray(raw)).to(mean.device), mean, std)
 
     def _labels(self, j: torch.Tensor) -> torch.Tensor:
         ds = self.data.train
