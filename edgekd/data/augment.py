@@ -274,8 +274,9 @@ class Augmenter:
         """The split's mean and std as (C, 1, 1) tensors of ``x``'s dtype and device, made once per device."""
         key = (x.dtype, x.device)
         if self._norms.get("key") != key:
-            as_t = lambda v: torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # noqa: E731
-            self._norms = {"key": key, "value": (as_t(self.data.mean), as_t(self.data.std))}
+            mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+                         for v in (self.data.mean, self.data.std))
+            self._norms = {"key": key, "value": (mean, std)}
         return self._norms["value"]
 
     def _fetch(self, j: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
