@@ -238,7 +238,7 @@ class Augmenter:
         self.data = data
         self.seed = seed
         self._view: tuple[int, ViewParams] | None = None
-        self._norms: dict[str, Any] = {}
+        self._norms: tuple[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.active = not is_identity(self.cfg)
         if self.active and data.layout != "NCHW":
             raise RecipeError(f"data.augment {spec!r} needs images, but {data.source} holds feature vectors",
@@ -273,11 +273,10 @@ class Augmenter:
     def _norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The split's mean and std as (C, 1, 1) tensors of ``x``'s dtype and device, made once per device."""
         key = (x.dtype, x.device)
-        if self._norms.get("key") != key:
-            mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-                         for v in (self.data.mean, self.data.std))
-            self._norms = {"key": key, "value": (mean, std)}
-        return self._norms["value"]
+        if self._norms is None or self._norms[0] != key:
+            self._norms = (key, tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+                                      for v in (self.data.mean, self.data.std)))
+        return self._norms[1]
 
     def _fetch(self, j: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """The mixing partners ``j`` (split positions), read in one call and normalized as the loader does."""
