@@ -128,7 +128,8 @@ def main() -> None:
         if args.jobs > 1:
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(args.jobs) as pool:
+            threads = max(1, (os.cpu_count() or 1) // args.jobs)  # each process its share of the cores
+            with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
                 rows = list(pool.map(chain, runs, [args.recipe] * len(runs), [args.qat_epochs] * len(runs),
                                      [work] * len(runs)))
         else:

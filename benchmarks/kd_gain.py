@@ -95,6 +95,9 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
                          if row["teacher"] > row["baseline"] else float("nan"))
     row["epoch_ratio"] = row["kd_epoch_s"] / row["plain_epoch_s"]
     row["load_avg_1m"] = os.getloadavg()[0]
+    import torch
+
+    row["threads"] = torch.get_num_threads()
     print(f"seed {seed}: teacher {row['teacher']:.4f}  scratch {row['baseline']:.4f}  "
           f"KD {row['student']:.4f}  gap closed {row['gap_closed']:.0%}  (val: {row['teacher_val']:.3f} / "
           f"{row['baseline_val']:.3f} / {row['student_val']:.3f})  load {row['load_avg_1m']:.1f}", flush=True)
@@ -125,7 +128,18 @@ def cost_recipe(args, seed: int):
     """The recipe the epoch cost is measured with: the benchmarked one, augmented as ``--cost-augment`` says."""
     recipe = load_recipe(args.recipe, args.overrides, seed=seed)
     aug = args.cost_augment or (recipe.data.augment if recipe.data.augment not in (None, "none") else "light")
+    if not isinstance(aug, str):  # a mapping of settings: an override in YAML flow style
+        aug = json.dumps(aug.model_dump(mode="json"))
     return load_recipe(args.recipe, [*args.overrides, f"data.augment={aug}"], seed=seed)
+
+
+def _threads(rows: list[dict], cost: dict) -> str:
+    """Torch threads of the seed runs (saved per row; older results only saved the cost comparison's)."""
+    seen = sorted({r["threads"] for r in rows if "threads" in r})
+    if not seen:
+        return str(cost["threads"])
+    runs = "/".join(map(str, seen))
+    return runs if seen == [cost["threads"]] else f"{runs} in the seed runs, {cost['threads']} in the epoch-cost comparison"
 
 
 def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, load_start, recipe) -> None:
@@ -170,7 +184,11 @@ def main() -> None:
         if args.jobs > 1:
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(args.jobs) as pool:
+            import torch
+
+            # Each process gets its share of the cores: two 2-thread processes on 2 cores ran 3.5x slower.
+            threads = max(1, (os.cpu_count() or 1) // args.jobs)
+            with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
                 futures = [pool.submit(run_seed, args.recipe, args.overrides, s, work) for s in args.seeds]
                 rows = []
                 for f in futures:
@@ -209,7 +227,7 @@ def write_table(out: Path) -> None:
         + "".join(f" `--set {o}`" for o in saved.get("overrides", []))
         + f", seeds {saved['seeds']}; teacher {r0['teacher_params']:,} params / "
         f"{r0['teacher_macs']:,} MACs, student {r0['student_params']:,} params / {r0['student_macs']:,} MACs; "
-        f"{cost['threads']} torch thread(s) per process.",
+        f"torch threads per process: {_threads(rows, cost)}.",
         "",
         "| model | test accuracy (mean ± std) |",
         "|---|---|",
