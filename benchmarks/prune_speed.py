@@ -33,7 +33,7 @@ RESULTS = Path(__file__).parent / "results"
 # (label, zoo name, input shape, kwargs): the default recipe's student and teacher, and two edge backbones at
 # input sizes where compute, not per-op overhead, dominates.
 MODELS = [
-    ("student cnn w8 (mnist default)", "cnn", (1, 28, 28), {"width": 8, "depth": 3}),
+    ("student cnn w12 (mnist default)", "cnn", (1, 28, 28), {"width": 12, "depth": 3}),
     ("teacher cnn w32x2 (mnist default)", "cnn", (1, 28, 28), {"width": 32, "depth": 3, "convs_per_stage": 2}),
     ("resnet w16 [2,2,2] 32x32", "resnet", (3, 32, 32), {"width": 16, "blocks": [2, 2, 2]}),
     ("mobilenetv2 1.0 96x96", "mobilenetv2", (3, 96, 96), {"width_mult": 1.0}),
