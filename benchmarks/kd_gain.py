@@ -80,6 +80,8 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 5, epochs: 
 
 def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str) -> dict:
     """Distill one seed of the recipe (teacher, scratch baseline, KD student) and return its table row."""
+    import torch
+
     recipe = load_recipe(recipe_arg, overrides, seed=seed, name=f"kdgain-{seed}")
     rd = run_distill(recipe, out=work, quiet=True)
     m = rd.metrics()
@@ -95,8 +97,6 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
                          if row["teacher"] > row["baseline"] else float("nan"))
     row["epoch_ratio"] = row["kd_epoch_s"] / row["plain_epoch_s"]
     row["load_avg_1m"] = os.getloadavg()[0]
-    import torch
-
     row["threads"] = torch.get_num_threads()
     print(f"seed {seed}: teacher {row['teacher']:.4f}  scratch {row['baseline']:.4f}  "
           f"KD {row['student']:.4f}  gap closed {row['gap_closed']:.0%}  (val: {row['teacher_val']:.3f} / "
@@ -139,7 +139,9 @@ def _threads(rows: list[dict], cost: dict) -> str:
     if not seen:
         return str(cost["threads"])
     runs = "/".join(map(str, seen))
-    return runs if seen == [cost["threads"]] else f"{runs} in the seed runs, {cost['threads']} in the epoch-cost comparison"
+    if seen == [cost["threads"]]:
+        return runs
+    return f"{runs} in the seed runs, {cost['threads']} in the epoch-cost comparison"
 
 
 def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, load_start, recipe) -> None:

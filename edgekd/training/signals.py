@@ -91,8 +91,9 @@ class CachedLogits(LiveTeacher):
     """A frozen teacher's logits over the whole (un-augmented) train split, computed once, kept on the device.
 
     The teacher runs in float32 here whatever the recipe's ``amp`` (as in the augmented cache): the logits are
-    computed once, so autocast would save little. Computing them iterates a DataLoader, which draws its base seed from the global RNG: the loop restores a
-    resumed run's RNG after :meth:`prepare`, as an uninterrupted run has made that draw before epoch 1.
+    computed once, so autocast would save little. Computing them iterates a DataLoader, which draws its base
+    seed from the global RNG: the loop restores a resumed run's RNG after :meth:`prepare`, as an uninterrupted
+    run has made that draw before epoch 1.
     """
 
     def __init__(self, teacher: nn.Module):
