@@ -23,11 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekd.data.loader import normalize_batch
+from edgekd.data.loader import BatchView, normalize_batch
 from edgekd.errors import RecipeError
 from edgekd.recipe import AUGMENT_PRESETS, AugmentConfig
 
@@ -280,8 +279,8 @@ class Augmenter:
 
     def _fetch(self, j: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """The mixing partners ``j`` (split positions), read in one call and normalized as the loader does."""
-        raw = self.data.train.take_raw(j.cpu().numpy())
-        return normalize_batch(torch.from_numpy(np.ascontiguousarray(raw)).to(mean.device), mean, std)
+        raw, _, _ = BatchView(self.data.train)[j.cpu().numpy()]
+        return normalize_batch(raw.to(mean.device), mean, std)
 
     def _labels(self, j: torch.Tensor) -> torch.Tensor:
         ds = self.data.train
