@@ -121,6 +121,8 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=0)
     lr: float = Field(2e-3, gt=0)
+    batch_size: Optional[int] = Field(None, gt=0, description="samples per step for this model (default: "
+                                                               "data.batch_size)")
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
