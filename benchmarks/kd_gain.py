@@ -94,12 +94,24 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 5, epochs: 
             "epochs_each": len(times["plain"]), "threads": torch.get_num_threads()}
 
 
+def finished_run(recipe, work: Path):
+    """The seed's run in ``work`` when a previous invocation finished it with this very recipe (a long benchmark
+    stopped part-way continues where it stopped), else None."""
+    from edgekd.run_dir import RunDir
+
+    rd = RunDir(work / recipe.name)
+    if not (rd / "recipe.yaml").is_file() or rd.stage_status("distill") != "done":
+        return None
+    saved = load_recipe(rd / "recipe.yaml")
+    return rd if saved.to_dict() == recipe.to_dict() else None
+
+
 def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str) -> dict:
     """Distill one seed of the recipe (teacher, scratch baseline, KD student) and return its table row."""
     import torch
 
     recipe = load_recipe(recipe_arg, with_seed(overrides, seed), seed=seed, name=f"kdgain-{seed}")
-    rd = run_distill(recipe, out=work, quiet=True)
+    rd = finished_run(recipe, Path(work)) or run_distill(recipe, out=work, quiet=True)
     m = rd.metrics()
     row = {"seed": seed, **{k: m[k]["test_accuracy"] for k in ("teacher", "baseline", "student")},
            **{f"{k}_val": m[k]["val_accuracy"] for k in ("teacher", "baseline", "student")},
