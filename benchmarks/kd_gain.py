@@ -102,8 +102,11 @@ def finished_run(recipe, work: Path):
     rd = RunDir(work / recipe.name)
     if not (rd / "recipe.yaml").is_file() or rd.stage_status("distill") != "done":
         return None
+    from edgekd.recipe import without_execution_keys
+
     saved = load_recipe(rd / "recipe.yaml")
-    return rd if saved.to_dict() == recipe.to_dict() else None
+    same = without_execution_keys(saved.to_dict()) == without_execution_keys(recipe.to_dict())
+    return rd if same else None
 
 
 def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str) -> dict:

@@ -166,6 +166,8 @@ class DistillConfig(TrainConfig):
     loss: dict[str, Any] = Field(default_factory=lambda: {"name": "kd", "temperature": 4.0, "alpha": 0.9},
                                  description="`name` picks a loss from the registry; other keys are its kwargs")
     baseline: bool = Field(True, description="also train the student from scratch for comparison")
+    parallel_baseline: bool = Field(False, description="on a CPU with 2+ threads, train the baseline in a second "
+                                                       "process beside the KD student, each on half the threads")
     cache_teacher: bool = Field(True, description="compute the teacher's logits once (for `teacher_views` "
                                                   "augmented views of each sample when augmenting) and replay them")
     teacher_views: int = Field(8, ge=1, description="with augmentation: distinct augmented views per sample; epoch e "
@@ -322,6 +324,20 @@ class Recipe(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what is saved as ``recipe.yaml``)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=False)
+
+
+# Keys that change how a run uses the machine, not what it computes: a run continued or matched with another
+# value of them is the same experiment.
+EXECUTION_KEYS = (("distill", "parallel_baseline"), ("data", "workers"))
+
+
+def without_execution_keys(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict (``Recipe.to_dict()``) without :data:`EXECUTION_KEYS`, for comparing experiments."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in recipe.items()}
+    for section, key in EXECUTION_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
 
 
 # -- loading --------------------------------------------------------------------------------------------

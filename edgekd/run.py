@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError, RecipeError, RunDirError
-from edgekd.recipe import Recipe, ValidateConfig, load_recipe, save_recipe
+from edgekd.recipe import Recipe, ValidateConfig, load_recipe, save_recipe, without_execution_keys
 from edgekd.results import (BudgetCheck, DistillResult, PruneResult, ReportResult, ValidationResult,
                             check_budgets)
 from edgekd.run_dir import MANIFEST, RunDir
@@ -36,7 +36,7 @@ _LATER_SECTIONS = ("prune", "export", "qat", "validate", "bench")
 
 def _section_sha(recipe: Recipe, stage: str) -> str:
     """A fingerprint of what a stage reads from the recipe (the whole distill part for distill)."""
-    d = recipe.to_dict()
+    d = without_execution_keys(recipe.to_dict())
     if stage == "distill":
         part = {k: v for k, v in d.items() if k not in (*_LATER_SECTIONS, "name")}
     elif stage == "validate":
