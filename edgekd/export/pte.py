@@ -17,7 +17,6 @@ input and give float32 logits (the quantize/dequantize steps sit inside the dele
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,9 @@ class PteBackend(ExportBackend):
     runtime = "executorch"
 
     def check_available(self) -> None:
-        if importlib.util.find_spec("executorch") is None:
+        from edgekd.runtimes.base import installed
+
+        if not installed("executorch"):
             raise ExportError("the pte target needs ExecuTorch, which is not installed", INSTALL_HINT)
 
     def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str,

@@ -111,6 +111,10 @@ class ExecuTorchRuntime(Runtime):
 
         return f"executorch {version('executorch')}"
 
+    @classmethod
+    def operator_profile(cls, path: str | os.PathLike, entry: dict[str, Any], x_raw: np.ndarray) -> dict[str, Any]:
+        return operator_timings(path, entry, x_raw)
+
 
 def operator_timings(path: str | os.PathLike, entry: dict[str, Any], x_raw: np.ndarray,
                      runs: int = 20) -> dict[str, Any]:
