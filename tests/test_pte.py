@@ -1,7 +1,7 @@
 """The ExecuTorch target: `edgekd export --format pte` writes fp32 and int8 .pte files (XNNPACK delegate), verified
 in ExecuTorch's runtime; validate, bench, report and bundle take them like every other file; QAT writes one too.
 
-Everything runs for real on the session's tiny run: torch.export, ExecuTorch's lowering, PT2E calibration on
+Everything runs for real on the session's trained tiny run: torch.export, ExecuTorch's lowering, PT2E calibration on
 the run's calibration samples, and `executorch.runtime` on the test split.
 """
 
@@ -32,10 +32,10 @@ def _cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def pte_run(tiny_run: Path, tmp_path_factory) -> Path:
-    """The tiny run exported by `edgekd export --format pte --quantize int8`."""
+def pte_run(trained_run: Path, tmp_path_factory) -> Path:
+    """The trained tiny run exported by `edgekd export --format pte --quantize int8`."""
     run = tmp_path_factory.mktemp("pte") / "run"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(trained_run, run)
     res = _cli("export", "--run", str(run), "--format", "pte", "--quantize", "int8")
     assert res.exit_code == 0, res.output
     return run
@@ -152,9 +152,9 @@ def test_pte_without_executorch_is_one_line_before_anything(tiny_run: Path, tmp_
     assert not list(run.glob("*.pte")) and not (run / "metadata.json").exists()
 
 
-def test_qat_writes_a_qat_int8_pte(tiny_run: Path, tmp_path: Path):
+def test_qat_writes_a_qat_int8_pte(trained_run: Path, tmp_path: Path):
     run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(trained_run, run)
     from edgekd.export.qat import run_qat
     from edgekd.recipe import QATConfig
 
