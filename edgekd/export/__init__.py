@@ -12,7 +12,7 @@ the pipeline (:mod:`edgekd.export.pipeline`) imports none of them.
 Modules: ``backends`` (interface, registry, plan), ``session`` (the shared session and file writer),
 ``pipeline`` (the export and quantize stages), ``qat`` (quantization-aware distillation), ``metadata``
 (metadata.json), ``parity`` (comparison with PyTorch), ``common`` (quiet conversions, operator-naming errors,
-tool versions); the backends: ``onnx``, ``onnx_app`` (``ort``), ``tflite``, ``app_files`` (``tflite_app``),
+tool versions); the backends: ``onnx``, ``ort``, ``tflite``, ``app_files`` (``tflite_app``),
 ``mcu``, ``pte``.
 """
 
@@ -21,7 +21,7 @@ from edgekd.export import onnx as _onnx  # noqa: F401
 from edgekd.export import tflite as _tflite  # noqa: F401
 from edgekd.export import app_files as _app_files  # noqa: F401  (tflite_app)
 from edgekd.export import mcu as _mcu  # noqa: F401
-from edgekd.export import onnx_app as _onnx_app  # noqa: F401  (ort)
+from edgekd.export import ort as _ort  # noqa: F401
 from edgekd.export import pte as _pte  # noqa: F401
 from edgekd.export.backends import (PRECISIONS, Derived, ExportBackend, QuantizeJob, backend_for, get_backend,
                                     list_backends, register_backend, register_variant, resolve_plan)

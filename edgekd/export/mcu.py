@@ -423,8 +423,8 @@ class McuBackend(ExportBackend):
     def derive(self, source_path: Path, source_entry: dict[str, Any], path: Path, ctx: Any) -> Derived:
         s = ctx.session
         entry, metrics = export_mcu(s.rd.path, source_entry, s.settings(self).io, s.x, s.y, s.rd.name)
-        entry["backend"] = self.name
         m = entry["mcu"]
+        entry.update(backend=self.name, companions=list(m["firmware"]))
         line = (f"{entry['file']:28s} {entry['size_bytes'] / 1024:7.1f} KB  TFLM accuracy {m['tflm_accuracy']:.4f} "
                 f"(LiteRT {m['litert_accuracy']:.4f}), arena {m['arena_min_bytes']} B "
                 f"(firmware {m['arena_firmware_bytes']} B)  ok [{entry['route']}]")

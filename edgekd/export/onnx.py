@@ -383,3 +383,4 @@ class OnnxBackend(ExportBackend):
 
 
 register_backend(OnnxBackend())
+

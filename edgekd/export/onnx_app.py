@@ -22,8 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgekd.errors import ExportError
-from edgekd.export.backends import Derived, ExportBackend, register_backend
-from edgekd.export.common import PIXEL_SCALE, tool_versions
+from edgekd.export.common import PIXEL_SCALE
 from edgekd.run_dir import atomic_path
 
 PROP_PREFIX = "edgekd."
@@ -184,53 +183,3 @@ def custom_metadata(path: Path) -> dict[str, str]:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(sess.get_modelmeta().custom_metadata_map)
 
-
-# -- the `ort` backend: ONNX Runtime Mobile files made from the .onnx files -------------------------------
-
-ROUTE_ORT = "onnxruntime-ort"
-
-
-class OrtBackend(ExportBackend):
-    """``.ort`` files (ONNX Runtime Mobile), one per ``.onnx`` file of the student, with one
-    ``required_operators.config`` for a reduced build; verified in onnxruntime like their ``.onnx``."""
-
-    name = "ort"
-    suffix = ".ort"
-    source = ("onnx", None)
-    teacher = False
-    tools = ("onnxruntime",)
-    runtime = "onnxruntime"
-
-    def build(self, ctx: Any, target: Any) -> None:
-        """Convert every source file in one call, so the operator config covers them all, then record each."""
-        sources = ctx.source_entries(self, target)
-        if not sources:
-            return
-        rd = ctx.session.rd
-        try:
-            convert_to_ort([rd / e["file"] for e in sources], rd.path)
-        except ExportError as e:
-            ctx.fail(".ort files", e)
-            return
-        for entry in sources:
-            ctx.derive(self, target, entry)
-
-    def derive(self, source_path: Path, source_entry: dict[str, Any], path: Path, ctx: Any) -> Derived:
-        from edgekd.run_dir import sha256_file
-
-        if not path.is_file():  # derived on its own (not through build): convert just this file
-            convert_to_ort([source_path], path.parent)
-        entry = {**source_entry, "file": path.name, "backend": self.name, "format": self.name,
-                 "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "route": ROUTE_ORT,
-                 "source": source_entry["file"], "ort_config": ORT_CONFIG,
-                 "tool_versions": tool_versions(self.tools)}
-        entry.pop("verified", None)
-        return Derived(entry, companions=[ORT_CONFIG])
-
-    def io_spec(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        from edgekd.export.onnx import describe_onnx
-
-        return describe_onnx(path)
-
-
-register_backend(OrtBackend())
