@@ -255,7 +255,7 @@ class ExportConfig(_Section):
         for key, value in (self.model_extra or {}).items():
             if not isinstance(value, dict):
                 valid = sorted(type(self).model_fields)
-                close = difflib.get_close_matches(key, valid, n=1)
+                close = difflib.get_close_matches(key, valid + list(_LEGACY_EXPORT_KEYS), n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
                 raise ValueError(f"unknown key {key!r} (a backend's settings are a section, "
                                  f"e.g. export.tflite.int8_io); {hint}")
