@@ -37,9 +37,8 @@ def build_entry(path: Path, model: str, precision: str, layout: str, normalizati
         labels: Class names in output order.
         route: The tool chain that produced the file.
         backend: The backend that wrote it (default: the one whose files have its name).
-        **extra: Further keys (e.g. ``routes_tried``); ``run`` is not recorded (kept for symmetry with callers).
+        **extra: Further keys (e.g. ``routes_tried``).
     """
-    extra.pop("run", None)
     desc = (backend or backend_for(path)).describe(Path(path))
     desc["input"]["layout"] = layout
     entry = {

@@ -299,7 +299,7 @@ class FileWriter:
               route: str, **extra: Any) -> dict[str, Any]:
         s = self.session
         return meta_mod.build_entry(path, target.name, precision, layout, s.norm, s.labels, route,
-                                    backend=backend, run=s.rd.name, **extra)
+                                    backend=backend, **extra)
 
     def verified(self, backend: ExportBackend, path: Path, target: Target, precision: str, layout: str,
                  route: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
