@@ -424,7 +424,7 @@ class McuBackend(ExportBackend):
         s = ctx.session
         entry, metrics = export_mcu(s.rd.path, source_entry, s.settings(self).io, s.x, s.y, s.rd.name)
         m = entry["mcu"]
-        entry.update(backend=self.name, companions=list(m["firmware"]))
+        entry["backend"] = self.name
         line = (f"{entry['file']:28s} {entry['size_bytes'] / 1024:7.1f} KB  TFLM accuracy {m['tflm_accuracy']:.4f} "
                 f"(LiteRT {m['litert_accuracy']:.4f}), arena {m['arena_min_bytes']} B "
                 f"(firmware {m['arena_firmware_bytes']} B)  ok [{entry['route']}]")

@@ -52,7 +52,7 @@ class OrtBackend(ExportBackend):
             convert_to_ort([source_path], path.parent)
         entry = {**source_entry, "file": path.name, "backend": self.name, "format": self.name,
                  "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "route": ROUTE_ORT,
-                 "source": source_entry["file"], "ort_config": ORT_CONFIG, "companions": [ORT_CONFIG],
+                 "source": source_entry["file"], "ort_config": ORT_CONFIG,
                  "tool_versions": tool_versions(self.tools)}
         entry.pop("verified", None)
         return Derived(entry, companions=[ORT_CONFIG])

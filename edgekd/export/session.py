@@ -429,6 +429,8 @@ class FileWriter:
             self.fail(path.name, e)
             return
         entry = made.entry
+        if made.companions:  # metadata.json says what travels with the file (edgekd bundle copies them)
+            entry["companions"] = list(made.companions)
         if made.numbers is not None:  # the backend verified the file itself (in its own runtime)
             entry["verified"] = True
             self.record(entry, made.numbers, [entry["file"], *(made.companions or [])])
