@@ -20,7 +20,7 @@ The pipeline (:mod:`edgekd.export.pipeline`) turns the requested names into an o
     class NpzBackend(ExportBackend):
         name, suffix = "npz", ".npz"
         routes = {"fp32": ("numpy",)}
-        def export(self, model, sample, path, *, layout, what, settings): ...
+        def export(self, model, sample, path, *, layout, what): ...
         def io_spec(self, path): ...
 
     register_backend(NpzBackend())
@@ -209,8 +209,7 @@ class ExportBackend:
             for precision in ctx.precisions:
                 ctx.quantize(target, self, precision, fp32)
 
-    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str,
-               settings: Any = None) -> str:
+    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str) -> str:
         """Write ``model`` as a fp32 file at ``path`` (atomically) and return the route name.
 
         Args:
@@ -219,7 +218,6 @@ class ExportBackend:
             path: Destination.
             layout: Input layout the file must take (see :meth:`file_layout`).
             what: Name of the model for error messages.
-            settings: The backend's settings.
 
         Raises:
             ExportError: The conversion failed (naming the operator when the converter does).

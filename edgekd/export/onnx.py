@@ -351,8 +351,7 @@ class OnnxBackend(ExportBackend):
     channel_axis = 1
     runtime = "onnxruntime"
 
-    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str,
-               settings: Any = None) -> str:
+    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str) -> str:
         return export_onnx(model, sample, path, what=what)
 
     def quantize(self, route: str, job: QuantizeJob) -> str:

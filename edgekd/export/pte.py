@@ -131,8 +131,7 @@ class PteBackend(ExportBackend):
         if not installed("executorch"):
             raise ExportError("the pte target needs ExecuTorch, which is not installed", INSTALL_HINT)
 
-    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str,
-               settings: Any = None) -> str:
+    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str) -> str:
         return lower_to_pte(model.eval(), sample, path, what=what, route=ROUTE_FP32)
 
     def quantize(self, route: str, job: QuantizeJob) -> str:

@@ -318,8 +318,7 @@ class FileWriter:
         if model is None:
             return None
         try:
-            route = backend.export(model, s.sample(), path, layout=layout, what=target.name,
-                                   settings=s.settings(backend))
+            route = backend.export(model, s.sample(), path, layout=layout, what=target.name)
             entry, numbers = self.verified(backend, path, target, "fp32", layout, route)
         except ExportError as e:
             _remove(path)

@@ -487,8 +487,7 @@ class TFLiteBackend(ExportBackend):
             session.log(f"--nhwc ignored: the inputs are {session.layout}, not images")
         return True
 
-    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str,
-               settings: Any = None) -> str:
+    def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str) -> str:
         return export_tflite(model, sample, path, nhwc=layout == "NHWC", what=what)
 
     def quantize(self, route: str, job: QuantizeJob) -> str:
