@@ -97,16 +97,16 @@ def merge_export_config(rd: RunDir, recipe: Recipe | None, cfg: ExportConfig | N
         merged = ExportConfig.model_validate(data)
     except Exception as e:  # pydantic's message is long; keep the first line
         raise RecipeError(f"invalid export settings: {str(e).splitlines()[0]} {str(e).splitlines()[-1].strip()}") from e
-    check_formats(merged.formats, merged)
+    check_formats(merged.formats, merged, installed=False)
     return merged
 
 
-def check_formats(formats: list[str], cfg: ExportConfig | None = None) -> list[ExportBackend]:
+def check_formats(formats: list[str], cfg: ExportConfig | None = None, installed: bool = True) -> list[ExportBackend]:
     """Check the requested formats and the export section before anything is trained or written.
 
     Every name must be a registered backend (closest name suggested), every ``export.<name>`` section must
     name a backend and validate against its settings, the plan must give each derived backend its source
-    (``mcu`` needs int8), and each backend's libraries must be installed.
+    (``mcu`` needs int8), and (``installed``) each backend's libraries must be installed.
 
     Returns:
         The plan: the backends in the order they run (sources first).
@@ -119,7 +119,7 @@ def check_formats(formats: list[str], cfg: ExportConfig | None = None) -> list[E
     plan = resolve_plan(list(formats), list(cfg.quantize))
     for name, section in cfg.backend_sections().items():
         get_backend(name).settings(section)  # an unknown backend name raises with the closest one
-    for backend in plan:
+    for backend in plan if installed else []:
         backend.check_available()
     return plan
 
