@@ -550,12 +550,12 @@ def operator_tables(profiles: dict[str, dict[str, Any]], top: int = 10) -> list[
             out.append((f"Per-operator timings of {file} ({where}): not available", ["reason"],
                         [[str(prof.get("reason", "unknown"))]]))
             continue
-        ops = sorted(prof.get("operators", []), key=lambda o: -o["mean_ms"])[:top]
-        total = prof.get("execute_ms") or sum(o["mean_ms"] for o in prof.get("operators", [])) or 1.0
-        rows = [[o["name"], o.get("delegate") or "-", f"{1000 * o['mean_ms']:.1f}", f"{100 * o['mean_ms'] / total:.0f}%"]
-                for o in ops]
-        out.append((f"Per-operator timings of {file} ({where}, mean of {prof.get('runs')} runs, slowest first)",
-                    ["operator", "delegate", "mean us", "share of execute"], rows))
+        ops = sorted(prof.get("operators", []), key=lambda o: -o["median_ms"])[:top]
+        total = prof.get("execute_ms") or sum(o["median_ms"] for o in prof.get("operators", [])) or 1.0
+        rows = [[o["name"], o.get("delegate") or "-", f"{1000 * o['median_ms']:.1f}",
+                 f"{100 * o['median_ms'] / total:.0f}%"] for o in ops]
+        out.append((f"Per-operator timings of {file} ({where}, median of {prof.get('runs')} runs, slowest first)",
+                    ["operator", "delegate", "median us", "share of execute"], rows))
     return out
 
 

@@ -113,7 +113,7 @@ class Runtime:
     def operator_profile(cls, path: str | os.PathLike, entry: dict[str, Any], x_raw: np.ndarray) -> dict[str, Any] | None:
         """Per-operator timings of a file, for runtimes that can trace their operators (None: this one cannot).
 
-        Returns ``{"available": bool, "operators": [{"name", "delegate", "mean_ms"}], "runs", ...}`` or, when
+        Returns ``{"available": bool, "operators": [{"name", "delegate", "median_ms"}], "runs", ...}`` or, when
         the installed build cannot trace, ``{"available": False, "reason": ...}``.
         """
         return None

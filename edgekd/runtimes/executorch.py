@@ -127,8 +127,8 @@ def operator_timings(path: str | os.PathLike, entry: dict[str, Any], x_raw: np.n
         runs: Executions profiled (with the process's XNNPACK threads).
 
     Returns:
-        ``{"available": True, "runs", "operators": [{"name", "delegate", "mean_ms"}...], "delegate_call_ms",
-        "execute_ms"}`` in execution order, or ``{"available": False, "reason": ...}`` when the installed build
+        ``{"available": True, "runs", "operators": [{"name", "delegate", "median_ms", "mean_ms"}...],
+        "delegate_call_ms", "execute_ms"}`` (medians) in execution order, or ``{"available": False, "reason": ...}`` when the installed build
         has no event tracer.
     """
     import torch
@@ -160,10 +160,11 @@ def operator_timings(path: str | os.PathLike, entry: dict[str, Any], x_raw: np.n
         for ev in block.events:
             if ev.perf_data is None:
                 continue
+            # Medians: on a shared CPU a run that waited for a core would dominate a mean.
             if ev.is_delegated_op:
                 ops.append({"name": ev.name, "delegate": ev.delegate_backend_name or "XnnpackBackend",
-                            "mean_ms": float(ev.perf_data.avg)})
+                            "median_ms": float(ev.perf_data.p50), "mean_ms": float(ev.perf_data.avg)})
             else:
-                totals[ev.name] = float(ev.perf_data.avg)
+                totals[ev.name] = float(ev.perf_data.p50)
     return {"available": True, "runs": runs, "operators": ops,
             "delegate_call_ms": totals.get("DELEGATE_CALL"), "execute_ms": totals.get("Method::execute")}
