@@ -23,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekd.run_dir import PRUNED_STUDENT
+
 RESULTS = Path(__file__).parent / "results"
 # Columns of the table: metrics.json key of each file (the pruned student's files).
-FILES = {"ptq": "student_pruned_int8.tflite", "qat": "student_pruned_int8_qat.tflite",
-         "app": "student_pruned_app_int8.tflite", "mcu": "student_pruned_mcu.tflite"}
+FILES = {"ptq": f"{PRUNED_STUDENT}_int8.tflite", "qat": f"{PRUNED_STUDENT}_int8_qat.tflite",
+         "app": f"{PRUNED_STUDENT}_app_int8.tflite", "mcu": f"{PRUNED_STUDENT}_mcu.tflite"}
 COLUMNS = {"student": "KD student", "pruned": "pruned", "ptq": "PTQ int8 .tflite", "qat": "QAT-KD int8 .tflite",
            "app": "app int8 .tflite", "mcu": "MCU int8 (TFLM)", "shipped": "shipped file"}
 
@@ -62,7 +64,7 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
     mcu = {r.file: r.extra["mcu"] for r in ValidationResult.read(rd).rows if isinstance(r.extra.get("mcu"), dict)}
     row = {"run": str(src), "seed": seed, "teacher": m["teacher"]["test_accuracy"],
            "scratch": m["baseline"]["test_accuracy"], "student": m["student"]["test_accuracy"],
-           "pruned": m["student_pruned"]["test_accuracy"], "mac_reduction": m["student_pruned"]["mac_reduction"],
+           "pruned": m[PRUNED_STUDENT]["test_accuracy"], "mac_reduction": m[PRUNED_STUDENT]["mac_reduction"],
            "qat_epochs": qcfg.epochs, "shipped_file": rec.file if rec else None,
            "shipped": rec.test_accuracy if rec else None, "rule": result.report.summary.rule,
            "mcu_flash_bytes": mcu.get(FILES["mcu"], {}).get("flash_bytes"),

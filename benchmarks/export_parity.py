@@ -35,7 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 def _other_route(rd: RunDir, chosen: str) -> dict | None:
     """Quantize the student's fp32 .tflite to int8 with the route export did not keep, and measure it."""
     from edgekd.export import metadata as meta_mod
-    from edgekd.export import pipeline
+    from edgekd.export import session as pipeline
     from edgekd.export.tflite import ROUTE_AEQ, ROUTE_PT2E, quantize_aeq, quantize_pt2e
     from edgekd.recipe import ExportConfig
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from edgekd.models import count_macs_params, create_model
-from edgekd.prune import measure_latency, prune_model
+from edgekd.models.pruning import measure_latency, prune_model
 from edgekd.recipe import PruneConfig
 
 RESULTS = Path(__file__).parent / "results"

@@ -178,8 +178,32 @@ def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 20
         reasons = "; ".join(f"{s.file} ({s.runtime}): {s.reason}" for s in report.skipped[:3])
         raise RunDirError(f"no model of {rd.path} could be measured: {reasons}")
     report.machine = machine_info()
+    profiles = _operator_profiles(rd, targets)
+    if profiles:
+        report.extra["operator_timings"] = profiles
     _record(rd, report)
     return report
+
+
+def _operator_profiles(rd: RunDir, targets: list[ModelTarget]) -> dict[str, dict[str, Any]]:
+    """Per-operator timings of every file whose runtime can trace its operators (ExecuTorch's ETDump)."""
+    import numpy as np
+
+    from edgekd.runtimes import get_runtime
+
+    profiles: dict[str, dict[str, Any]] = {}
+    x = None
+    for t in targets:
+        cls = get_runtime(t.runtime)
+        if t.file in profiles or not cls.available():
+            continue
+        if x is None:
+            with np.load(rd / "eval.npz") as ev:
+                x = np.asarray(ev["x"][:1], np.float32)
+        prof = cls.operator_profile(rd / t.file, t.entry, x)
+        if prof is not None:
+            profiles[t.file] = {**prof, "runtime": t.runtime}
+    return profiles
 
 
 def quick_latency(rd: RunDir, validation: ValidationResult, threads: int = 1, runs: int = 50,

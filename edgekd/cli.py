@@ -234,7 +234,8 @@ def _export_section(run: str | None, out: str, overrides: tuple[str, ...], comma
               help="Also write <model>_mcu.tflite and the firmware sources in RUN/mcu/ for TensorFlow Lite Micro "
                    "(made from the int8 TFLite file: implies --tflite).")
 @click.option("--format", "format_names", multiple=True, metavar="NAME",
-              help="Write this format, any registered export backend (repeatable; --onnx = --format onnx).")
+              help="Write this format, any registered export backend: onnx, tflite, tflite_app, mcu, ort, pte... "
+                   "(repeatable; --onnx = --format onnx).")
 @click.option("--quantize", "quantize", default=None, metavar="LIST",
               help="Quantized student files to add: fp16,int8,dynamic or none (default: the recipe's, else int8).")
 @click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
@@ -246,7 +247,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
                overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, mcu_: bool,
                format_names: tuple[str, ...], quantize: str | None, nhwc: bool | None, no_teacher: bool,
                app: bool | None, ort: bool | None) -> None:
-    """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
+    """Export the best student (pruned if present) and the teacher with each backend (ONNX, TFLite, .pte...), verify.
 
     Every file is run in its own runtime on the run's test split: fp32 files must match PyTorch within
     export.tolerance.fp32_rel, quantized files within min_agreement / max_accuracy_drop (exit 1 otherwise).
@@ -255,7 +256,8 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
     from edgekd.export import run_export, summary_table
 
     rd, cfg = _export_section(run, out, overrides, "export")
-    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_ or mcu_), ("mcu", mcu_)) if on] + list(format_names)
+    # --mcu brings tflite in as its source (the export's plan adds what a backend is made from).
+    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_), ("mcu", mcu_)) if on] + list(format_names)
     formats = list(dict.fromkeys(formats)) or None
     report = run_export(rd, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
@@ -273,7 +275,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
               help="An exported fp32 file to quantize (repeatable; default: every fp32 student file).")
 @click.option("--qat", is_flag=True,
               help="Quantization-aware distillation instead: fine-tune the student with int8 fake quantization "
-                   "and the KD loss, write STUDENT_int8_qat.onnx/.tflite (--set keys then name the `qat` section).")
+                   "and the KD loss, write STUDENT_int8_qat.onnx/.tflite/.pte (--set keys then name the `qat` section).")
 @click.option("--resume", is_flag=True, help="--qat: continue from the last finished QAT epoch.")
 def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
                  overrides: tuple[str, ...], quiet: bool, precision: str | None, files: tuple[str, ...],

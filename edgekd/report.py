@@ -28,7 +28,8 @@ from edgekd.run_dir import RunDir, atomic_path, read_json, write_text_atomic
 STAGE = "report"
 PLOTS_DIR = "report_plots"
 _PRECISION_NAMES = {"int8": "static int8", "dynamic": "dynamic-range int8", "fp16": "fp16", "fp32": "fp32"}
-_RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "litert": "LiteRT"}
+_RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "litert": "LiteRT", "executorch": "ExecuTorch",
+                  "tflm": "TFLM", "mediapipe": "MediaPipe"}
 
 
 # -- inputs -----------------------------------------------------------------------------------------------
@@ -493,7 +494,8 @@ class Analysis:
 
     def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
         """Every table of the report: accuracy, latency, devices, then microcontrollers."""
-        return _tables(self.validation, self.bench, self.device_rows, self.metrics) + mcu_tables(self.mcu_files)
+        return (_tables(self.validation, self.bench, self.device_rows, self.metrics) + mcu_tables(self.mcu_files)
+                + operator_tables(self.bench.get("operator_timings") or {}))
 
 
 def _speed_of(bench_rows: list[dict[str, Any]], rec: Recommendation, teacher_acc: float | None
@@ -537,6 +539,24 @@ def analyse(rd: RunDir, device_rows: list[dict[str, Any]], budgets: ValidateConf
                     quant=quantization_findings(b["rows"]), points=points,
                     front=pareto_front([(p["p50_ms"], p["test_accuracy"]) for p in points]),
                     mcu_files=_mcu_entries(rd))
+
+
+def operator_tables(profiles: dict[str, dict[str, Any]], top: int = 10) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The slowest operators of each profiled file (bench's ``operator_timings``: any runtime that profiles)."""
+    out = []
+    for file, prof in sorted(profiles.items()):
+        where = _RUNTIME_NAMES.get(prof.get("runtime", ""), prof.get("runtime", ""))
+        if not prof.get("available"):
+            out.append((f"Per-operator timings of {file} ({where}): not available", ["reason"],
+                        [[str(prof.get("reason", "unknown"))]]))
+            continue
+        ops = sorted(prof.get("operators", []), key=lambda o: -o["median_ms"])[:top]
+        total = prof.get("execute_ms") or sum(o["median_ms"] for o in prof.get("operators", [])) or 1.0
+        rows = [[o["name"], o.get("delegate") or "-", f"{1000 * o['median_ms']:.1f}",
+                 f"{100 * o['median_ms'] / total:.0f}%"] for o in ops]
+        out.append((f"Per-operator timings of {file} ({where}, median of {prof.get('runs')} runs, slowest first)",
+                    ["operator", "delegate", "median us", "share of execute"], rows))
+    return out
 
 
 def _mcu_entries(rd: RunDir) -> list[dict[str, Any]]:

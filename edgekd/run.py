@@ -148,7 +148,9 @@ def _check_early(recipe: Recipe, devices: list[str | Path]) -> None:
     if recipe.export is not None:
         from edgekd.export import check_formats
 
-        check_formats(list(recipe.export.formats))  # an unknown format name, with the closest one as hint
+        # An unknown format (closest name as hint), a missing source (mcu without int8), a bad export.<name>
+        # section, or a backend whose library is not installed (pte without ExecuTorch).
+        check_formats(list(recipe.export.formats), recipe.export)
     if recipe.bench is not None:
         try:
             parse_threads(recipe.bench.threads)

@@ -13,8 +13,9 @@ from conftest import ctrl_c_after
 from edgekd.cli import cli
 from edgekd.errors import CheckpointError, RecipeError, RunDirError
 from edgekd.models import create_model, save_checkpoint
-from edgekd.prune import (find_classifier, layer_widths, load_pruned, load_pruned_model, measure_latency,
-                          prune_model, resolve_config, save_pruned)
+from edgekd.models.pruned import load_pruned, load_pruned_model, save_pruned
+from edgekd.models.pruning import find_classifier, layer_widths, measure_latency, prune_model
+from edgekd.prune import resolve_config
 from edgekd.recipe import PruneConfig, Recipe
 from edgekd.run_dir import RunDir, sha256_file
 
