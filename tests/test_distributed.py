@@ -105,8 +105,10 @@ def test_torchrun_world_size_the_batch_cannot_be_split_into(tmp_path):
     assert proc.returncode != 0
     assert "error: data.batch_size 33 cannot be split over 2 processes" in proc.stderr
     # Each worker prints one line; torchrun itself then reports the failed workers with its own traceback
-    # (torch.distributed.elastic's ChildFailedError), which holds no edgekd frame.
-    assert proc.stderr.count("error: data.batch_size 33") == 2
+    # (torch.distributed.elastic's ChildFailedError), which holds no edgekd frame. torchrun stops the other worker
+    # as soon as one fails, so the second line may never be printed (CI saw one of two): count 1 or 2.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, errors
     assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "/edgekd/" in line]
     assert not (tmp_path / "out").exists(), "nothing may be written"
 
