@@ -33,6 +33,37 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def gap_closed(teacher: float, scratch: float, kd: float) -> float:
+    """Share of the scratch→teacher accuracy gap that the KD student closes (NaN when the teacher is not ahead)."""
+    return (kd - scratch) / (teacher - scratch) if teacher > scratch else float("nan")
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of ``values`` and its two-sided ``level`` confidence interval: Student's t with n - 1 degrees of
+    freedom, as for the mean KD-minus-scratch lead over seeds (NaN bounds with fewer than 2 values)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    low, high = stats.ttest_1samp(values, 0.0).confidence_interval(confidence_level=level)
+    return mean, float(low), float(high)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means ± std over seeds, the gap closed (of the means and per seed), and the KD-minus-scratch lead in
+    accuracy points: per seed, its mean and the 95% interval of that mean, and the seeds KD wins."""
+    summary = {k: mean_std([r[k] for r in rows]) for k in ("teacher", "baseline", "student", "epoch_ratio")}
+    t, b, s = summary["teacher"][0], summary["baseline"][0], summary["student"][0]
+    summary["gap_closed_of_means"] = gap_closed(t, b, s)
+    summary["gap_closed_per_seed_mean"] = statistics.fmean(r["gap_closed"] for r in rows)
+    leads = [100 * (r["student"] - r["baseline"]) for r in rows]
+    mean, low, high = mean_interval(leads)
+    summary["lead_points"] = {"per_seed": leads, "mean": mean, "ci95": [low, high],
+                              "wins": sum(r["student"] > r["baseline"] for r in rows)}
+    return summary
+
+
 def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 5, epochs: int = 2) -> dict:
     """Seconds per training epoch of the plain (CE) student and the KD student, measured side by side.
 
@@ -93,8 +124,7 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
            "teacher_macs": m["teacher"]["macs"], "student_macs": m["student"]["macs"],
            "teacher_cache": m["student"].get("teacher_cache"), "seconds": rd.manifest()["stages"]["distill"]["seconds"],
            "run": str(rd.path)}
-    row["gap_closed"] = ((row["student"] - row["baseline"]) / (row["teacher"] - row["baseline"])
-                         if row["teacher"] > row["baseline"] else float("nan"))
+    row["gap_closed"] = gap_closed(row["teacher"], row["baseline"], row["student"])
     row["epoch_ratio"] = row["kd_epoch_s"] / row["plain_epoch_s"]
     row["load_avg_1m"] = os.getloadavg()[0]
     row["threads"] = torch.get_num_threads()
@@ -217,11 +247,9 @@ def write_table(out: Path) -> None:
     """Write ``kd_gain.md`` (and the summary in ``kd_gain.json``) from the rows saved in ``kd_gain.json``."""
     saved = json.loads((out / "kd_gain.json").read_text())
     rows, cost = saved["rows"], saved["epoch_cost"]
-    summary = {k: mean_std([r[k] for r in rows]) for k in ("teacher", "baseline", "student", "epoch_ratio")}
-    t, b, s = summary["teacher"][0], summary["baseline"][0], summary["student"][0]
-    summary["gap_closed_of_means"] = (s - b) / (t - b) if t > b else float("nan")
-    summary["gap_closed_per_seed_mean"] = statistics.fmean(r["gap_closed"] for r in rows)
-    wins = sum(r["student"] > r["baseline"] for r in rows)
+    summary = summarize(rows)
+    b, s = summary["baseline"][0], summary["student"][0]
+    wins = summary["lead_points"]["wins"]
     loads = ", ".join(f"{r.get('load_avg_1m', float('nan')):.1f}" for r in rows)
     r0 = rows[0]
     md = [
