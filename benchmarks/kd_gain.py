@@ -33,6 +33,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def gap_closed(teacher: float, scratch: float, kd: float) -> float:
+    """Share of the scratch→teacher accuracy gap that the KD student closes (NaN when the teacher is not ahead)."""
+    return (kd - scratch) / (teacher - scratch) if teacher > scratch else float("nan")
+
+
 def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """Mean and its two-sided ``level`` confidence interval (Student's t, n - 1 degrees of freedom)."""
     from scipy.stats import t
@@ -124,8 +129,7 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
            "teacher_macs": m["teacher"]["macs"], "student_macs": m["student"]["macs"],
            "teacher_cache": m["student"].get("teacher_cache"), "seconds": rd.manifest()["stages"]["distill"]["seconds"],
            "run": str(rd.path)}
-    row["gap_closed"] = ((row["student"] - row["baseline"]) / (row["teacher"] - row["baseline"])
-                         if row["teacher"] > row["baseline"] else float("nan"))
+    row["gap_closed"] = gap_closed(row["teacher"], row["baseline"], row["student"])
     row["epoch_ratio"] = row["kd_epoch_s"] / row["plain_epoch_s"]
     row["load_avg_1m"] = os.getloadavg()[0]
     row["threads"] = torch.get_num_threads()
@@ -252,10 +256,13 @@ def summarize(rows: list[dict]) -> dict:
     interval of its mean (the per-seed leads are paired: the same seed's split, initial weights and teacher)."""
     summary = {k: mean_std([r[k] for r in rows]) for k in ("teacher", "baseline", "student", "epoch_ratio")}
     t, b, s = summary["teacher"][0], summary["baseline"][0], summary["student"][0]
-    summary["gap_closed_of_means"] = (s - b) / (t - b) if t > b else float("nan")
+    summary["gap_closed_of_means"] = gap_closed(t, b, s)
     summary["gap_closed_per_seed_mean"] = statistics.fmean(r["gap_closed"] for r in rows)
     summary["lead"] = mean_interval([r["student"] - r["baseline"] for r in rows])
     summary["wins"] = sum(r["student"] > r["baseline"] for r in rows)
+    leads = [100 * (r["student"] - r["baseline"]) for r in rows]
+    mean, low, high = mean_interval(leads)
+    summary["lead_points"] = {"per_seed": leads, "mean": mean, "ci95": [low, high], "wins": summary["wins"]}
     return summary
 
 

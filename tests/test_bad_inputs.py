@@ -398,6 +398,14 @@ def test_tampered_file_without_a_record_is_not_flagged(tiny_run: Path, tmp_path:
     (run / "history.csv").write_text("edited\n")
     res = CliRunner().invoke(cli, ["validate", "--run", str(run), "-q", "--runtime", "torch"])
     assert res.exit_code == 0, res.output
+    # Not flagged: no error or warning line, nothing about the edited file or about changed files ...
+    assert not [ln for ln in res.output.splitlines() if ln.lower().startswith(("error", "warning"))], res.output
+    assert "history.csv" not in res.output and "changed since" not in res.output, res.output
+    # ... the check ran to its end and recorded every model it validated, and the edit was left alone.
+    assert "recommended: " in res.output
+    rows = json.loads((run / "validate.json").read_text())["rows"]
+    assert {row["file"] for row in rows} == {"teacher.pt", "baseline.pt", "student.pt"}, rows
+    assert (run / "history.csv").read_text() == "edited\n"
 
 
 def test_environment_errors_are_one_line_and_bugs_say_so():
