@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekd import provenance
+
 RESULTS = Path(__file__).parent / "results"
 FILES = {"ptq": "student_pruned_int8.tflite", "qat": "student_pruned_int8_qat.tflite"}
 
@@ -117,6 +119,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="seeds compressed at once (processes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    prov = provenance.start(threads=f"{args.jobs} process(es), each its share of the cores")
     import platform
 
     import torch
@@ -142,8 +145,10 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
                        f"{os.environ.get('OMP_NUM_THREADS')}, torch {torch.__version__}"}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compression_chain.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    text = markdown(rows, meta)
+    block = prov.finish()
+    (args.out / "compression_chain.json").write_text(json.dumps({"meta": meta, "rows": rows, "provenance": block},
+                                                                indent=2) + "\n")
+    text = markdown(rows, meta) + "\n" + provenance.markdown(block)
     (args.out / "compression_chain.md").write_text(text)
     print(text)
 
