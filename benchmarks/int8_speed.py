@@ -33,7 +33,7 @@ import numpy as np
 from edgekd import provenance
 from edgekd.bench import machine_info, run_bench
 from edgekd.recipe import DataConfig, ExportConfig, Recipe, load_recipe, save_recipe
-from edgekd.report import quantization_findings, _quant_sentence
+from edgekd.report import matrix_markdown, quantization_findings
 from edgekd.run_dir import RunDir, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -259,7 +259,7 @@ def render(result: dict, out: Path) -> None:
         md += [f"Routes: {routes}.", ""]
         if m["export"]["failures"]:
             md += ["Export failures: " + "; ".join(m["export"]["failures"]), ""]
-        md += [f"- {_quant_sentence(f)}" for f in m["findings"]] + [""]
+        md += matrix_markdown(m["findings"], level="###")
     md += ["![p50 latency per precision, runtime and thread count](int8_speed.png)", "",
            provenance.markdown(result.get("provenance"))]
     text = "\n".join(md)
