@@ -484,7 +484,7 @@ table{border-collapse:collapse;font-size:13px;margin:.4em 0 1em}th,td{border:1px
 padding:2px 7px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 code{background:#f4f4f4;padding:0 3px}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 ul.summary{margin:.2em 0;padding-left:1.2em}ul.summary li{margin:.15em 0}
-table.matrix td:nth-child(2){text-align:left}table.matrix td.faster{background:#d8f0d8;color:#08660d;font-weight:600}
+table.matrix th,table.matrix td{white-space:nowrap}table.matrix th[colspan]{text-align:center}table.matrix td:nth-child(2),table.matrix th:nth-child(2){text-align:left}table.matrix td.faster{background:#d8f0d8;color:#08660d;font-weight:600}
 table.matrix td.slower{background:#fbe3e3}table.matrix td.none{color:#aaa;text-align:center}
 .legend,.setup{color:#555;font-size:12px;margin:.2em 0}
 .fail{color:#b00020}.ok{color:#08660d}.scroll{overflow-x:auto}"""
@@ -618,7 +618,16 @@ def _chain_line(metrics: dict[str, Any], rec: Recommendation) -> list[str]:
     return [line]
 
 
-def _speed_size_line(speed: dict[str, Any] | None, has_bench: bool) -> list[str]:
+def _busy_note(bench: dict[str, Any]) -> str:
+    """A caution for the speed line when the bench ran with more load than the machine has cores ("" otherwise)."""
+    loads = [r["loadavg_1m"] for r in bench.get("rows", []) if isinstance(r.get("loadavg_1m"), (int, float))]
+    cores = (bench.get("machine") or {}).get("cores") or 0
+    if loads and cores and max(loads) > cores:
+        return f" (bench at load {max(loads):.0f} on {cores} cores: noisy latencies)"
+    return ""
+
+
+def _speed_size_line(speed: dict[str, Any] | None, has_bench: bool, busy: str = "") -> list[str]:
     if speed is None:
         if has_bench:
             return ["Speedup over the teacher: not measured (the bench has no PyTorch teacher row or no "
@@ -628,9 +637,10 @@ def _speed_size_line(speed: dict[str, Any] | None, has_bench: bool) -> list[str]
     who = "" if speed.get("qualifies", True) else " (fastest student variant, not recommended: it misses the rule)"
     size = (f"; **{speed['size_ratio']:.0f}x smaller** ({speed['size_bytes'] / 1024:.1f} KB vs "
             f"{speed['teacher_size_bytes'] / 1024:.1f} KB)" if speed.get("size_ratio") else "")
+    n = speed["teacher_threads"]
     line = (f"**Speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x**{who}{size}; p50 "
-            f"{speed['p50_ms']:.4f} ms vs {speed['teacher_p50_ms']:.4f} ms at {speed['teacher_threads']} thread(s), "
-            f"batch {speed['batch']}")
+            f"{speed['p50_ms']:.4f} ms vs {speed['teacher_p50_ms']:.4f} ms at {n} thread{'s' if n != 1 else ''}, "
+            f"batch {speed['batch']}{busy}")
     if speed.get("speedup_vs_teacher_exported"):
         line += (f"; {speed['speedup_vs_teacher_exported']:.1f}x vs the teacher's fastest export "
                  f"`{speed['teacher_exported_file']}`")
@@ -668,7 +678,8 @@ def _skipped(a: Analysis) -> list[dict[str, Any]]:
 def summary_lines(a: Analysis) -> list[str]:
     """The report's summary: at most :data:`SUMMARY_MAX_LINES` Markdown lines (details go to :func:`notes`)."""
     lines = (_recommendation_line(a.recommendation) + _chain_line(a.metrics, a.recommendation)
-             + _speed_size_line(a.speed, bool(a.bench["rows"])) + _precision_line(a.quant) + _budget_lines(a.check))
+             + _speed_size_line(a.speed, bool(a.bench["rows"]), _busy_note(a.bench)) + _precision_line(a.quant)
+             + _budget_lines(a.check))
     skipped = _skipped(a)
     if skipped:
         lines.append(f"Not measured: {len(skipped)} file/runtime combination(s); the notes at the end say why.")
@@ -705,19 +716,18 @@ def _matrix_columns(quant: list[dict[str, Any]]) -> list[tuple[str, int]]:
                   key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[0], c[1]))
 
 
-def precision_matrix(quant: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+def precision_matrix(quant: list[dict[str, Any]]) -> tuple[list[tuple[str, int]], list[list[Any]]]:
     """Lower precision against fp32 as one matrix: rows precision (and file family), columns runtime × threads.
 
     Args:
         quant: :func:`quantization_findings` of the run.
 
     Returns:
-        The column headers, and one row per (precision, family): ``[precision name, family, cell, ...]`` where
-        a cell is the finding (its ``ratio`` is the p50 over the fp32 file's) or None where nothing was measured.
+        The columns as ``(runtime, threads)``, and one row per (precision, family): ``[precision name, family,
+        cell, ...]`` where a cell is the finding (its ``ratio`` is the p50 over the fp32 file's) or None where
+        nothing was measured.
     """
     cols = _matrix_columns(quant)
-    headers = ["precision", "files"] + [f"{_RUNTIME_NAMES.get(rt, rt)}, {n} thread{'s' if n != 1 else ''}"
-                                        for rt, n in cols]
     prec_order = ["fp16", "dynamic", "int8"]
     keys = sorted({(f["precision"], file_family(f["file"])) for f in quant},
                   key=lambda k: (prec_order.index(k[0]) if k[0] in prec_order else len(prec_order), k[0], k[1]))
@@ -731,7 +741,11 @@ def precision_matrix(quant: list[dict[str, Any]]) -> tuple[list[str], list[list[
                 if key not in cells or f["ratio"] < cells[key]["ratio"]:
                     cells[key] = f
         rows.append([_PRECISION_NAMES.get(prec, prec), fam, *(cells.get(c) for c in cols)])
-    return headers, rows
+    return cols, rows
+
+
+def _threads_name(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
 
 
 def _cell_text(f: dict[str, Any] | None) -> str:
@@ -745,20 +759,26 @@ MATRIX_LEGEND = ("Each cell: p50 latency of the file ÷ p50 of the fp32 file of 
 
 def matrix_markdown(quant: list[dict[str, Any]], level: str = "##") -> list[str]:
     """The precision matrix as Markdown: a heading (``level``), the table, its legend (nothing without findings)."""
-    headers, rows = precision_matrix(quant)
+    cols, rows = precision_matrix(quant)
     if not rows:
         return []
+    headers = ["precision", "files"] + [f"{_RUNTIME_NAMES.get(rt, rt)}, {_threads_name(n)}" for rt, n in cols]
     cells = [[r[0], f"`{r[1]}`", *(f"**{_cell_text(c)}** ✓" if c and c["faster"] else _cell_text(c)
                                    for c in r[2:])] for r in rows]
     return [f"{level} {MATRIX_TITLE}", "", _md_table(headers, cells), "", MATRIX_LEGEND + " (and bold).", ""]
 
 
 def _matrix_html(quant: list[dict[str, Any]]) -> list[str]:
-    headers, rows = precision_matrix(quant)
+    cols, rows = precision_matrix(quant)
     if not rows:
         return []
-    h = [f"<h2>{html.escape(MATRIX_TITLE)}</h2><table class='matrix' id='precision-matrix'><tr>"
-         + "".join(f"<th>{html.escape(c)}</th>" for c in headers) + "</tr>"]
+    # Two header rows: each runtime over its thread counts (narrow enough for a laptop screen).
+    runtimes = list(dict.fromkeys(rt for rt, _ in cols))
+    h = [f"<h2>{html.escape(MATRIX_TITLE)}</h2><div class='scroll'><table class='matrix' id='precision-matrix'>"
+         "<tr><th rowspan='2'>precision</th><th rowspan='2'>files</th>"
+         + "".join(f"<th colspan='{sum(c[0] == rt for c in cols)}'>{html.escape(_RUNTIME_NAMES.get(rt, rt))}</th>"
+                   for rt in runtimes) + "</tr><tr>"
+         + "".join(f"<th>{_threads_name(n)}</th>" for _, n in cols) + "</tr>"]
     for r in rows:
         tds = [f"<td>{html.escape(r[0])}</td>", f"<td><code>{html.escape(r[1])}</code></td>"]
         for c in r[2:]:
@@ -770,7 +790,7 @@ def _matrix_html(quant: list[dict[str, Any]]) -> list[str]:
             tds.append(f"<td class='{cls}' title='{html.escape(title)}'>{_cell_text(c)}"
                        f"{' ✓' if c['faster'] else ''}</td>")
         h.append("<tr>" + "".join(tds) + "</tr>")
-    h.append(f"</table><p class='legend'>{html.escape(MATRIX_LEGEND)} (green; red: slower by 5% or more).</p>")
+    h.append(f"</table></div><p class='legend'>{html.escape(MATRIX_LEGEND)} (green; red: slower by 5% or more).</p>")
     return h
 
 
