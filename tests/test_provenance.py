@@ -98,3 +98,24 @@ def test_a_benchmark_run_writes_the_block_into_its_json_and_md(tmp_path: Path):
     assert block["command"].startswith("python benchmarks/prune_speed.py --quick")
     assert block["threads"]["setting"] == 1 and block["commit"]
     assert provenance.markdown(block) in (tmp_path / "prune_speed.md").read_text()
+
+
+def test_kd_gain_table_states_the_measured_load_and_its_provenance(tmp_path: Path):
+    """kd_gain.md says the load each seed run measured (it used to say "2 cores shared with other work" always)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kd_gain", REPO / "benchmarks" / "kd_gain.py")
+    kd_gain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kd_gain)
+    rows = [{"seed": s, "teacher": 0.99, "baseline": 0.96, "student": 0.975, "gap_closed": 0.5, "epoch_ratio": 1.1,
+             "teacher_params": 100, "teacher_macs": 1000, "student_params": 10, "student_macs": 100,
+             "load_avg_1m": load, "threads": 1} for s, load in ((0, 0.25), (1, 3.5))]
+    cost = {"ratio": 1.05, "kd_epoch_s": 2.1, "plain_epoch_s": 2.0, "epochs_each": 4, "threads": 1, "cache_seconds": 3.0}
+    block = provenance.start(argv=["benchmarks/kd_gain.py", "--seeds", "0", "1"]).finish()
+    (tmp_path / "kd_gain.json").write_text(json.dumps({"recipe": "mnist", "seeds": [0, 1], "rows": rows,
+                                                        "epoch_cost": cost, "provenance": block}))
+    kd_gain.write_table(tmp_path)
+    md = (tmp_path / "kd_gain.md").read_text()
+    assert f"run: 0.2, 3.5 on {block['cores']} cores, this benchmark's own processes included" in md
+    assert "shared with other work" not in md
+    assert provenance.markdown(block) in md and "`python benchmarks/kd_gain.py --seeds 0 1`" in md
