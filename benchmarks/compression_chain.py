@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from edgekd.run_dir import PRUNED_STUDENT
+from edgekd import provenance
 
 RESULTS = Path(__file__).parent / "results"
 # Columns of the table: metrics.json key of each file (the pruned student's files).
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="seeds compressed at once (processes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    prov = provenance.start(threads=f"{args.jobs} process(es), each its share of the cores")
     import platform
 
     import torch
@@ -170,9 +172,10 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {max(1, (os.cpu_count() or 1) // args.jobs)} "
                        f"torch thread(s) per process, {args.jobs} process(es), torch {torch.__version__}"}
     args.out.mkdir(parents=True, exist_ok=True)
+    block = prov.finish()
     (args.out / "compression_chain.json").write_text(json.dumps(
-        {"meta": meta, "rows": rows, "summary": summarize(rows)}, indent=2) + "\n")
-    text = markdown(rows, meta)
+        {"meta": meta, "rows": rows, "summary": summarize(rows), "provenance": block}, indent=2) + "\n")
+    text = markdown(rows, meta) + "\n" + provenance.markdown(block)
     (args.out / "compression_chain.md").write_text(text)
     print(text)
 

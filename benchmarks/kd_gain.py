@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekd import provenance
 from edgekd.distill import run_distill
 from edgekd.recipe import load_recipe
 
@@ -153,9 +154,10 @@ def _cost_from(args, run: Path) -> None:
     recipe = cost_recipe(args, seed)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
+    prov = provenance.start()
     with tempfile.TemporaryDirectory() as tmp:
         cost = epoch_cost(recipe, run / "teacher.pt", Path(tmp))
-    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe)
+    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe, prov)
     write_table(out)
 
 
@@ -179,7 +181,13 @@ def _threads(rows: list[dict], cost: dict) -> str:
     return f"{runs} in the seed runs, {cost['threads']} in the epoch-cost comparison"
 
 
-def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, load_start, recipe) -> None:
+def _cores(saved: dict) -> str:
+    """The core count for the load sentence, from the provenance block (older results have none: empty)."""
+    cores = (saved.get("provenance") or {}).get("cores")
+    return f" on {cores} cores" if cores else ""
+
+
+def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, load_start, recipe, prov) -> None:
     out.mkdir(parents=True, exist_ok=True)
     aug = recipe.data.augment
     trained = load_recipe(args.recipe, with_seed(args.overrides, rows[0]["seed"]), seed=rows[0]["seed"]).data.augment
@@ -188,8 +196,8 @@ def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, l
         "seconds": seconds, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
         "augment": trained if isinstance(trained, str) else trained.model_dump(),
         "cost_augment": aug if isinstance(aug, str) else aug.model_dump(), "overrides": list(args.overrides),
-        "target_gap_closed": args.target},
-        indent=2) + "\n")
+        "target_gap_closed": args.target,
+        "provenance": prov.finish(threads=_threads(rows, cost))}, indent=2) + "\n")
 
 
 def main() -> None:
@@ -219,6 +227,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()
+    prov = provenance.start()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         if args.jobs > 1:
@@ -246,7 +255,7 @@ def main() -> None:
               f"teacher cache {cost['cache_seconds']:.2f} s once per run", flush=True)
 
     out = Path(args.out)
-    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe)
+    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe, prov)
     (out / "kd_gain.partial.json").unlink(missing_ok=True)
     write_table(out)
 
@@ -312,9 +321,12 @@ def write_table(out: Path) -> None:
         f"each, alternating plain and KD in one process ({cost['threads']} torch thread(s)); building the cache "
         f"({cost.get('cache_views', 1)} view(s) of every training sample, {cost.get('cache_bytes', 0) / 1e6:.2f} MB "
         f"on disk) costs {cost['cache_seconds']:.2f} s once per run. Load average (1 min) at the end of each seed "
-        f"run: {loads} on {os.cpu_count()} cores. (Inside the seed runs above, where the baseline and the KD student "
-        f"train one after the other, the ratio was {summary['epoch_ratio'][0]:.2f} ± {summary['epoch_ratio'][1]:.2f}.)",
+        f"run: {loads}{_cores(saved)}, this benchmark's own processes included. (Inside the seed runs above, "
+        f"where the baseline and "
+        f"the KD student train one after the other, the ratio was {summary['epoch_ratio'][0]:.2f} ± "
+        f"{summary['epoch_ratio'][1]:.2f}.)",
     ]
+    md += ["", provenance.markdown(saved.get("provenance"))]
     saved["summary"] = summary
     (out / "kd_gain.json").write_text(json.dumps(saved, indent=2) + "\n")
     (out / "kd_gain.md").write_text("\n".join(md) + "\n")

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError, RunDirError
+from edgekd.provenance import cpu_model
 from edgekd.recipe import ValidateConfig
 from edgekd.results import REPORT_JSON, BenchReport, BenchRow, BenchSkip, ValidationResult, candidates
 from edgekd.run_dir import RunDir, read_eval, write_json_atomic
@@ -65,15 +65,7 @@ def machine_info() -> dict[str, Any]:
             versions[name] = get_runtime(name).version()
         except Exception:  # a runtime that is not installed simply has no version
             versions[name] = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "cpu_model": cpu, "cores": os.cpu_count(), "os": platform.platform(),
+    return {"machine": platform.machine(), "cpu_model": cpu_model(), "cores": os.cpu_count(), "os": platform.platform(),
             "python": platform.python_version(), "runtimes": versions}
 
 

@@ -17,7 +17,8 @@ import click
 from edgekd import __version__
 from edgekd.errors import EdgeKDError
 from edgekd.options import (allow_pickle_option, device_files_option, out_option, quiet_option, recipe_options,
-                            resume_option, run_dir_options, runtime_option, seed_option, set_option, setup_logging)
+                            resume_option, run_dir_options, runtime_option, seed_option, set_option, setup_logging,
+                            verbose_option)
 
 
 # OSErrors that mean "this output location cannot be written", reported as bad input (exit code 2). ENOTDIR and
@@ -386,18 +387,18 @@ def bench_cmd(run: str | None, out: str, threads: str | None, runs: int | None, 
 @run_dir_options
 @device_files_option("Device results JSON (from device_tests/bench.py), merged as extra rows (repeatable).")
 @set_option("validate.max_size_kb=100", "a budget of the run's recipe")
-def report_cmd(run: str | None, out: str, devices: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Write RUN/report.md and a self-contained RUN/report.html (tables and plots)."""
+@verbose_option()
+def report_cmd(run: str | None, out: str, devices: tuple[str, ...], overrides: tuple[str, ...],
+               verbose: bool) -> None:
+    """Write RUN/report.md and a self-contained RUN/report.html (tables and plots); print its summary."""
     from edgekd.report import build_report
     from edgekd.run_dir import resolve_run
+    from edgekd.summary import report_block
 
     rd = resolve_run(run, out)
     rep = build_report(rd, list(devices), budgets=_budgets(rd, overrides, "report"))
-    rec, speed = rep.summary.recommended, rep.summary.speedup
-    if rec:
-        click.echo(f"recommended: {rec.file} ({rec.runtime})")
-    if speed:
-        click.echo(f"speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x")
+    for line in report_block(rep.lines, rep.notes, verbose):
+        click.echo(line)
     click.echo(f"report: {rep.html}  (and {rep.markdown})")
 
 
@@ -407,9 +408,10 @@ def report_cmd(run: str | None, out: str, devices: tuple[str, ...], overrides: t
 @click.option("--force", is_flag=True, help="Run every stage again, in a new run directory.")
 @device_files_option()
 @quiet_option()
+@verbose_option()
 @allow_pickle_option
 def run_cmd(recipe: str | None, out: str, name: str | None, seed: int | None, overrides: tuple[str, ...],
-            force: bool, devices: tuple[str, ...], quiet: bool, allow_pickle: bool) -> None:
+            force: bool, devices: tuple[str, ...], quiet: bool, verbose: bool, allow_pickle: bool) -> None:
     """distill → prune → export → validate → bench → report; RECIPE defaults to the built-in mnist recipe.
 
     Skips stages the recipe leaves out and stages the run directory already finished (unless --force), prints
@@ -420,7 +422,7 @@ def run_cmd(recipe: str | None, out: str, name: str | None, seed: int | None, ov
     r = resolve_recipe(recipe, overrides, name=name, seed=seed)
     result = run_pipeline(r, out=out, force=force, devices=list(devices), quiet=quiet, allow_pickle=allow_pickle,
                           raise_on_budget=False)
-    click.echo(run_summary(result))
+    click.echo(run_summary(result, verbose=verbose))
     if result.budgets is not None:
         result.budgets.raise_if_failed()
 

@@ -549,3 +549,5 @@ class ReportResult:
     markdown: Path
     html: Path
     summary: ReportSummary
+    lines: list[str] = field(default_factory=list)  # the report's summary (Markdown), at most 8 lines
+    notes: list[str] = field(default_factory=list)  # the long form behind it (Markdown)

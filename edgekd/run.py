@@ -262,28 +262,16 @@ def run_pipeline(recipe: Recipe, out: str | Path = "exported", force: bool = Fal
     return result
 
 
-def run_summary(result: PipelineResult) -> str:
-    """The lines ``edgekd run`` ends with: what ran, the recommended file, the speedup, the report's path."""
-    rep = result.report.summary
+def run_summary(result: PipelineResult, verbose: bool = False) -> str:
+    """The lines ``edgekd run`` ends with: what ran, the report's summary (its notes too with ``verbose``), where it is."""
+    from edgekd.summary import report_block
+
     lines = [f"stages run: {', '.join(result.ran) or 'none'}"]
     if result.skipped:
         lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()))
     lines += [f"warning: {w}" for w in result.warnings]
-    rec = rep.recommended
-    if rec:
-        lat = f", p50 {rec.p50_ms:.4f} ms at {rec.threads} thread(s)" if rec.p50_ms is not None else ""
-        lines.append(f"recommended: {Path(result.run_dir) / rec.file} ({rec.runtime}{lat}, "
-                     f"accuracy {rec.test_accuracy:.4f}, {rec.size_kb:.1f} KB)")
-    else:
-        lines.append(f"recommended: none (no student variant qualifies: {rep.rule or 'see the report'})")
-    sp = rep.speedup
-    if sp:
-        who = "" if sp.get("qualifies", True) else f" (fastest student variant {sp['file']}, not recommended)"
-        lines.append(f"speedup over the PyTorch fp32 teacher at batch {sp['batch']}: {sp['speedup']:.1f}x "
-                     f"({100 * (sp['accuracy_ratio'] or 0):.1f}% of its accuracy){who}")
-    for q in (q for q in rep.quantization if not q["faster"]):
-        lines.append(f"note: {q['file']} is not faster than {q['reference']} here "
-                     f"({q['ratio']:.2f}x the fp32 p50, {q['runtime']}, {q['threads']} thread(s))")
+    lines.append(f"run: {result.run_dir}")
+    lines += report_block(result.report.lines, result.report.notes, verbose)
     lines.append(f"report: {result.report.html}  (and {result.report.markdown})")
     return "\n".join(lines)
 
