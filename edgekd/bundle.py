@@ -78,7 +78,7 @@ batch-1 latency (p50/p90/p99/mean ms); models the runtime cannot run are listed 
 `*_app_*.tflite` files load unchanged in MediaPipe's `ImageClassifier` (Android, iOS, Python) and the TFLite
 Task Library: RGB pixels in, labels and normalization in the file's metadata. `.onnx` files carry their labels
 and normalization in `metadata_props`; `.ort` files (if exported with `--ort`) are for ONNX Runtime Mobile.
-See "Use it in an app" in edgekd's README for the code.
+See docs/app.md in the edgekd repository for the code.
 
 ## Android
 
