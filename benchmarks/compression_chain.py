@@ -9,7 +9,7 @@ recommended ("shipped") file, with drops against the unpruned KD student.
 Writes ``compression_chain.{json,md}`` into ``--out`` (default ``benchmarks/results``).
 
 Usage: python benchmarks/compression_chain.py --runs DIR/kdgain-0 DIR/kdgain-1 ... [--recipe mnist]
-       [--set key=value ...] [--jobs 2] [--qat-epochs 3] [--out DIR]
+       [--set key=value ...] [--jobs 2] [--qat-epochs 3] [--out DIR] [--work DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from edgekd.run_dir import PRUNED_STUDENT
 from edgekd import provenance
 
 RESULTS = Path(__file__).parent / "results"
+ROW_FILE = "chain_row.json"  # a finished seed's row, kept in its copy under --work
 # Columns of the table: metrics.json key of each file (the pruned student's files).
 FILES = {"ptq": f"{PRUNED_STUDENT}_int8.tflite", "qat": f"{PRUNED_STUDENT}_int8_qat.tflite",
          "app": f"{PRUNED_STUDENT}_app_int8.tflite", "mcu": f"{PRUNED_STUDENT}_mcu.tflite"}
@@ -44,8 +45,13 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
 
     src = Path(run)
     seed = _seed_of(run)
-    shutil.copytree(src, Path(work) / src.name)
-    for stale in (Path(work) / src.name).glob("checkpoints/prune*"):  # a copy starts its compression afresh
+    dest = Path(work) / src.name
+    if (dest / ROW_FILE).is_file():  # this seed's chain finished in an earlier invocation with the same --work
+        return json.loads((dest / ROW_FILE).read_text())
+    if dest.exists():  # an unfinished copy: start it again
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    for stale in dest.glob("checkpoints/prune*"):  # a copy starts its compression afresh
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     overrides = [o.replace("{seed}", str(seed)) for o in overrides]
     recipe = load_recipe(recipe_arg, overrides, seed=seed, name=src.name)
@@ -73,6 +79,7 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
            "stages": result.ran, "seconds": round(time.perf_counter() - t0, 1), "load_avg_1m": os.getloadavg()[0]}
     for key, name in FILES.items():
         row[key] = m.get(name, {}).get("test_accuracy")
+    (dest / ROW_FILE).write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row), flush=True)
     return row
 
@@ -143,6 +150,8 @@ def main() -> None:
     ap.add_argument("--bench-runs", type=int, default=None, help="timed runs per file (default: the recipe's)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds compressed at once (processes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--work", default=None, help="keep each seed's compressed copy here (default: a temporary "
+                    "folder); a seed whose chain finished there before is not run again")
     args = ap.parse_args()
     prov = provenance.start(threads=f"{args.jobs} process(es), each its share of the cores")
     import platform
@@ -153,7 +162,9 @@ def main() -> None:
 
     runs = sorted(args.runs, key=_seed_of)
     n = len(runs)
-    with tempfile.TemporaryDirectory(prefix="chain-") as work:
+    with tempfile.TemporaryDirectory(prefix="chain-") as tmp:
+        work = args.work or tmp
+        Path(work).mkdir(parents=True, exist_ok=True)
         call = (runs, [args.recipe] * n, [args.overrides] * n, [args.qat_epochs] * n, [work] * n,
                 [args.bench_runs] * n)
         if args.jobs > 1:

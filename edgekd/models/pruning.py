@@ -107,7 +107,7 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 
 def _count(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
-    from edgekd.models.zoo import count_macs_params
+    from edgekd.models.builder import count_macs_params
 
     return count_macs_params(model, input_shape)
 
