@@ -108,10 +108,10 @@ def finished_run(recipe, work: Path):
     rd = RunDir(work / recipe.name)
     if not (rd / "recipe.yaml").is_file() or rd.stage_status("distill") != "done":
         return None
-    from edgekd.recipe import without_execution_keys
+    from edgekd.recipe import distill_part
 
     saved = load_recipe(rd / "recipe.yaml")
-    same = without_execution_keys(saved.to_dict()) == without_execution_keys(recipe.to_dict())
+    same = distill_part(saved.to_dict()) == distill_part(recipe.to_dict())  # later sections do not matter here
     return rd if same else None
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from int8_speed import default_student
 
+from edgekd import provenance
 from edgekd.bench import machine_info, run_bench
 from edgekd.recipe import ExportConfig
 from edgekd.run_dir import write_json_atomic, write_text_atomic
@@ -34,20 +34,6 @@ from edgekd.run_dir import write_json_atomic, write_text_atomic
 RESULTS = Path(__file__).parent / "results"
 FORMATS = {"pte": "executorch", "tflite": "litert", "onnx": "onnxruntime"}  # backend -> the runtime that runs it
 PRECISIONS = ("fp32", "int8")
-
-
-def provenance(argv: list[str]) -> dict:
-    """What produced the figures: the command, the commit, and whether the tree had uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"command": " ".join(["python", "benchmarks/pte_latency.py", *argv]), "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def export(rd, calibration_samples: int) -> dict:
@@ -110,6 +96,7 @@ def render(result: dict, out: Path) -> str:
         md += ["Every file was verified against PyTorch on the test split by the export: " + ", ".join(acc) + ".", ""]
     if result["export"]["failures"] or result["export"]["problems"]:
         md += ["Export failures/problems: " + "; ".join(result["export"]["failures"] + result["export"]["problems"]), ""]
+    md += [provenance.markdown(prov)]
     text = "\n".join(md)
     write_text_atomic(out / "pte_latency.md", text + "\n")
     return text
@@ -132,6 +119,7 @@ def main() -> None:
         return
     threads = [int(t) for t in args.threads.split(",")]
     out.mkdir(parents=True, exist_ok=True)
+    prov = provenance.start(threads=threads)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pte_latency-") as tmp:
         rd, student = default_student(Path(tmp), args.run)
@@ -142,7 +130,7 @@ def main() -> None:
                            runtimes=list(FORMATS.values())).to_json()
     keep = ("file", "runtime", "format", "precision", "threads", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "load_ms",
             "first_inference_ms", "peak_rss_mb", "size_bytes", "loadavg_1m")
-    result = {"provenance": provenance(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    result = {"provenance": prov.finish(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
               "machine": {**machine_info(), "python": sys.version.split()[0], "pid_nice": os.nice(0)},
               "settings": {"runs": args.runs, "warmup": args.warmup, "threads": threads, "batch": 1,
                            "calibration_samples": args.calibration_samples},

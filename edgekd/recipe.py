@@ -383,6 +383,15 @@ def without_execution_keys(recipe: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Sections read only by the stages after distill: changing them does not make a distilled run another experiment.
+LATER_SECTIONS = ("prune", "export", "qat", "validate", "bench")
+
+
+def distill_part(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What distill reads of a recipe dict: no later-stage sections, no run name, no execution keys."""
+    return {k: v for k, v in without_execution_keys(recipe).items() if k not in (*LATER_SECTIONS, "name")}
+
+
 # -- loading --------------------------------------------------------------------------------------------
 
 def builtin_recipe_path(name: str) -> Path:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError, RecipeError, RunDirError
-from edgekd.recipe import Recipe, ValidateConfig, load_recipe, save_recipe, without_execution_keys
+from edgekd.recipe import (LATER_SECTIONS, Recipe, ValidateConfig, distill_part, load_recipe, save_recipe,
+                           without_execution_keys)
 from edgekd.results import (BudgetCheck, DistillResult, PruneResult, ReportResult, ValidationResult,
                             check_budgets)
 from edgekd.run_dir import MANIFEST, RunDir
@@ -31,14 +32,14 @@ log = logging.getLogger(__name__)
 
 STAGES = ("distill", "prune", "export", "qat", "validate", "bench", "report")
 # Recipe keys the distill stage does not read: they may change without retraining.
-_LATER_SECTIONS = ("prune", "export", "qat", "validate", "bench")
+_LATER_SECTIONS = LATER_SECTIONS
 
 
 def _section_sha(recipe: Recipe, stage: str) -> str:
     """A fingerprint of what a stage reads from the recipe (the whole distill part for distill)."""
     d = without_execution_keys(recipe.to_dict())
     if stage == "distill":
-        part = {k: v for k, v in d.items() if k not in (*_LATER_SECTIONS, "name")}
+        part = distill_part(d)
     elif stage == "validate":
         part = None  # the section holds only budgets: they change the verdict, not what validate measures
     else:

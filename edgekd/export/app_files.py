@@ -287,6 +287,7 @@ class AppBackend(TFLiteBackend):
     the labels, checked in MediaPipe's ImageClassifier. Written beside the tflite files of image runs."""
 
     name = "tflite_app"
+    format = "tflite"  # the file format; metadata's "backend" says tflite_app
     tag = APP_TAG
     variant = APP_TAG
     companion_of = "tflite"
