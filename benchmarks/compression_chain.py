@@ -29,8 +29,8 @@ from edgekd import provenance
 RESULTS = Path(__file__).parent / "results"
 ROW_FILE = "chain_row.json"  # a finished seed's row, kept in its copy under --work
 # Columns of the table: metrics.json key of each file (the pruned student's files).
-FILES = {"ptq": f"{PRUNED_STUDENT}_int8.tflite", "qat": f"{PRUNED_STUDENT}_int8_qat.tflite",
-         "app": f"{PRUNED_STUDENT}_app_int8.tflite", "mcu": f"{PRUNED_STUDENT}_mcu.tflite"}
+FILES = {"ptq": "{model}_int8.tflite", "qat": "{model}_int8_qat.tflite", "app": "{model}_app_int8.tflite",
+         "mcu": "{model}_mcu.tflite"}  # {model}: the pruned student, or the student when the recipe does not prune
 COLUMNS = {"student": "KD student", "pruned": "pruned", "ptq": "PTQ int8 .tflite", "qat": "QAT-KD int8 .tflite",
            "app": "app int8 .tflite", "mcu": "MCU int8 (TFLM)", "shipped": "shipped file"}
 
@@ -68,16 +68,19 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
         raise RuntimeError(f"{src} was trained again: it was not distilled with {recipe_arg} and these --set values")
     m = rd.metrics()
     rec = result.report.summary.recommended
+    model = PRUNED_STUDENT if PRUNED_STUDENT in m else "student"
+    files = {k: v.format(model=model) for k, v in FILES.items()}
     mcu = {r.file: r.extra["mcu"] for r in ValidationResult.read(rd).rows if isinstance(r.extra.get("mcu"), dict)}
     row = {"run": str(src), "seed": seed, "teacher": m["teacher"]["test_accuracy"],
            "scratch": m["baseline"]["test_accuracy"], "student": m["student"]["test_accuracy"],
-           "pruned": m[PRUNED_STUDENT]["test_accuracy"], "mac_reduction": m[PRUNED_STUDENT]["mac_reduction"],
+           "pruned": m.get(PRUNED_STUDENT, {}).get("test_accuracy"),
+           "mac_reduction": m.get(PRUNED_STUDENT, {}).get("mac_reduction"),
            "qat_epochs": qcfg.epochs, "shipped_file": rec.file if rec else None,
            "shipped": rec.test_accuracy if rec else None, "rule": result.report.summary.rule,
-           "mcu_flash_bytes": mcu.get(FILES["mcu"], {}).get("flash_bytes"),
-           "mcu_arena_bytes": mcu.get(FILES["mcu"], {}).get("ram_bytes"),
+           "mcu_flash_bytes": mcu.get(files["mcu"], {}).get("flash_bytes"),
+           "mcu_arena_bytes": mcu.get(files["mcu"], {}).get("ram_bytes"),
            "stages": result.ran, "seconds": round(time.perf_counter() - t0, 1), "load_avg_1m": os.getloadavg()[0]}
-    for key, name in FILES.items():
+    for key, name in files.items():
         row[key] = m.get(name, {}).get("test_accuracy")
     (dest / ROW_FILE).write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row), flush=True)
@@ -110,7 +113,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     summary = summarize(rows)
-    head = ["seed", "scratch", *COLUMNS.values(), "shipped file", "shipped − scratch"]
+    head = ["seed", "scratch", *COLUMNS.values(), "which file", "shipped − scratch"]
     lines = ["# Compression chain: KD student → pruned → int8 / app / MCU files, per seed", "",
              f"Recipe `{meta['recipe']}`" + "".join(f" `--set {o}`" for o in meta.get("overrides", [])) + ": every "
              f"stage after distill as `edgekd run` runs it, plus QAT-KD ({rows[0]['qat_epochs']} epochs). Prune: "
@@ -121,11 +124,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['seed']} | {r['scratch']:.4f} | " + " | ".join(_cell(r, k) for k in COLUMNS)
-                     + f" | `{r['shipped_file']}` | {100 * ((r['shipped'] or 0) - r['scratch']):+.1f} |")
+                     + (f" | `{r['shipped_file']}` | {100 * (r['shipped'] - r['scratch']):+.1f} |" if r["shipped"] is not None
+                        else " | none recommended | — |"))
     m = summary["mean"]
     lines.append("| mean | " + f"{m['scratch']:.4f} | " + " | ".join(
         f"{m[k]:.4f}" + (f" ({100 * (m[k] - m['student']):+.1f})" if k != "student" else "") if k in m else "—"
-        for k in COLUMNS) + f" | | {100 * (m.get('shipped', 0) - m['scratch']):+.1f} |")
+        for k in COLUMNS) + (f" | | {100 * (m['shipped'] - m['scratch']):+.1f} |" if "shipped" in m else " | | — |"))
     worst = ", ".join(f"{COLUMNS[k]} {v:.1f}" for k, v in summary["worst_drop_points"].items())
     flash = [r["mcu_flash_bytes"] for r in rows if r.get("mcu_flash_bytes")]
     arena = [r["mcu_arena_bytes"] for r in rows if r.get("mcu_arena_bytes")]
@@ -176,8 +180,8 @@ def main() -> None:
         else:
             rows = [chain(*a) for a in zip(*call)]
     recipe = load_recipe(args.recipe, [o.replace("{seed}", "0") for o in args.overrides])
-    prune = recipe.prune.model_dump(exclude_none=True)
-    if recipe.prune.target_macs or recipe.prune.target_params:
+    prune = recipe.prune.model_dump(exclude_none=True) if recipe.prune else "none (the recipe does not prune)"
+    if recipe.prune and (recipe.prune.target_macs or recipe.prune.target_params):
         prune.pop("ratio", None)  # a target wins over the ratio
     meta = {"recipe": args.recipe or "mnist", "overrides": args.overrides, "prune": prune,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {max(1, (os.cpu_count() or 1) // args.jobs)} "

@@ -4,6 +4,7 @@ augmentation, bf16 autocast, channels_last, MobileNetV2 student, image cache) st
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -74,11 +75,12 @@ def test_images_224_recipe_runs_end_to_end_at_reduced_size(tmp_path):
     assert recipe["data"]["augment"] == "flip" and recipe["distill"]["amp"] == "bf16"
     assert recipe["distill"]["channels_last"] is True and recipe["student"]["model"] == "mobilenetv2"
     metrics = json.loads((run / "metrics.json").read_text())
-    # The loaded teacher is the fine-tuned one, and the student learned the classes from it: 3 classes (chance
-    # 1/3), 6 test images.
-    print(f"teacher {metrics['teacher']['test_accuracy']:.3f}, student {metrics['student']['test_accuracy']:.3f}")
+    # The loaded teacher is the fine-tuned one (all 6 test images right; a random one gets about 1/3), and the
+    # student learned from it: its distillation loss fell (on 24 images and 6 epochs its test accuracy is noise).
     assert metrics["teacher"]["test_accuracy"] == 1.0 and "baseline" not in metrics
-    assert metrics["student"]["test_accuracy"] >= 5 / 6
+    with (run / "history.csv").open() as f:
+        losses = [float(r["train_loss"]) for r in csv.DictReader(f) if r["model"] == "student"]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
     ckpt = load_checkpoint(run / "student.pt")
     student = build_model("mobilenetv2", (3, 32, 32), 3, recipe["student"]["kwargs"])
     student.load_state_dict(ckpt["state_dict"])
