@@ -46,13 +46,13 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
     src = Path(run)
     seed = _seed_of(run)
     dest = Path(work) / src.name
-    if (dest / ROW_FILE).is_file():  # this seed's chain finished in an earlier invocation with the same --work
-        return json.loads((dest / ROW_FILE).read_text())
-    if dest.exists():  # an unfinished copy: start it again
-        shutil.rmtree(dest)
-    shutil.copytree(src, dest)
-    for stale in dest.glob("checkpoints/prune*"):  # a copy starts its compression afresh
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    earlier = json.loads((dest / ROW_FILE).read_text()) if (dest / ROW_FILE).is_file() else None
+    if earlier and "latency" in earlier:  # this seed's chain finished in an earlier invocation with this --work
+        return earlier
+    if not dest.exists():  # else an earlier invocation's copy: the pipeline skips the stages it finished
+        shutil.copytree(src, dest)
+        for stale in dest.glob("checkpoints/prune*"):  # a copy starts its compression afresh
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     overrides = [o.replace("{seed}", str(seed)) for o in overrides]
     recipe = load_recipe(recipe_arg, overrides, seed=seed, name=src.name)
     qcfg = recipe.qat or QATConfig()
@@ -82,9 +82,25 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
            "stages": result.ran, "seconds": round(time.perf_counter() - t0, 1), "load_avg_1m": os.getloadavg()[0]}
     for key, name in files.items():
         row[key] = m.get(name, {}).get("test_accuracy")
+    row["latency"] = _latency(rd, ["teacher_fp32.tflite", f"{model}_fp32.tflite", files["ptq"], row["shipped_file"]])
+    if earlier:  # a row of an older version of this script: the timing is the earlier invocation's
+        row.update(seconds=earlier["seconds"], load_avg_1m=earlier["load_avg_1m"])
     (dest / ROW_FILE).write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row), flush=True)
     return row
+
+
+def _latency(rd, names: list[str | None]) -> dict:
+    """Size and batch-1 p50 (ms) of these files in their first runtime at 1 thread, from the run's bench."""
+    report = json.loads((rd / "report.json").read_text()) if (rd / "report.json").is_file() else {"rows": []}
+    out = {}
+    for name in filter(None, names):
+        rows = [r for r in report["rows"] if r["file"] == name and r["threads"] == 1]
+        if rows:
+            r = rows[0]
+            out[name] = {"runtime": r["runtime"], "p50_ms": r["p50_ms"], "size_bytes": r["size_bytes"],
+                         "loadavg_1m": r.get("loadavg_1m")}
+    return out
 
 
 def _seed_of(run: str) -> int:
