@@ -219,6 +219,12 @@ class ExportConfig(_Section):
     tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
     app: AppConfig = Field(default_factory=AppConfig)
     ort: bool = Field(False, description="also write .ort files (ONNX Runtime Mobile) + required_operators.config")
+    max_drop: Optional[float] = Field(None, ge=0, le=100,
+                                      description="accuracy budget in percentage points: also write <model>_mixed "
+                                                  ".tflite/.onnx, the most int8-sensitive layers kept float until the "
+                                                  "validation accuracy is within it of the fp32 file's")
+    sensitivity_samples: int = Field(1000, gt=0, description="validation samples the per-layer sensitivity and the "
+                                                             "mixed-precision search run on")
 
     @field_validator("formats")
     @classmethod

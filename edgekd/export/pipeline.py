@@ -535,14 +535,39 @@ def _export_all(exporter: "Exporter", cfg: ExportConfig, targets: list[Target]) 
     if "mcu" in cfg.formats:  # made from the student's int8 TFLite file written above
         student = next(t for t in targets if t.name != "teacher")
         exporter.export_mcu(student)
+    if cfg.max_drop is not None:
+        _export_mixed(exporter, cfg, targets[0])
+
+
+def _export_mixed(exporter: "Exporter", cfg: ExportConfig, student: Target) -> None:
+    """``export.max_drop``: the student's mixed-precision files, from its fp32 files of formats that have them."""
+    from edgekd.export.mixed import MCU_NOTE, run_mixed
+    from edgekd.quant.selective import SELECTIVE_ROUTES
+
+    fp32 = [e for e in exporter.entries if e["model"] == student.name and e["precision"] == "fp32"]
+    chosen = [e for e in fp32 if e["format"] in SELECTIVE_ROUTES]
+    for e in fp32:
+        if e["format"] not in SELECTIVE_ROUTES:
+            exporter.s.log(f"{e['file']}: {e['format']} has no mixed-precision route (export.max_drop skips it)")
+    if "mcu" in cfg.formats:
+        exporter.s.log(MCU_NOTE)
+    if chosen:
+        lines = run_mixed(exporter.s, exporter, chosen, lambda _model: student, sensitivity=False,
+                          max_drop=cfg.max_drop)
+        exporter.r.extra.setdefault("sensitivity", []).extend(lines)
 
 
 def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.PathLike = "exported", *,
                  precisions: list[str] | str | None = None, files: list[str] | None = None,
                  int8_io: str | None = None, calibration_method: str | None = None, verify: bool = True,
                  log: Log | None = None, cfg: ExportConfig | None = None, quiet: bool = True,
-                 check: bool = False) -> ExportReport:
+                 check: bool = False, sensitivity: bool = False, max_drop: float | None = None) -> ExportReport:
     """Post-training quantization of fp32 files already exported into the run (see :func:`run_export`).
+
+    With ``sensitivity`` or ``max_drop`` it measures each layer's int8 sensitivity (``quant_sensitivity.json``)
+    and, with a budget, writes mixed-precision files (:mod:`edgekd.export.mixed`) instead of the recipe's
+    precisions (``precisions`` given explicitly are written too). Without them, ``export.max_drop`` of the
+    recipe adds the mixed files to the precisions.
 
     Args:
         run: Run directory (default: the most recent run in ``out``).
@@ -556,17 +581,26 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
         cfg: Export settings to start from instead of the run recipe's ``export`` section.
         quiet: With no ``log``, False prints the progress lines.
         check: Raise after recording when a quantization failed or a file misses the tolerance.
+        sensitivity: Measure every layer's int8 sensitivity on the validation split.
+        max_drop: Accuracy budget in points for mixed-precision files (overrides ``export.max_drop``).
     """
+    from edgekd.export.mixed import MCU_NOTE, mixed_entries, run_mixed
+    from edgekd.quant.mixed import check_max_drop
     from edgekd.run_dir import resolve_run
 
     log = log or (print if not quiet else (lambda _msg: None))
     wanted = parse_precisions(precisions, "--precision") if precisions is not None else None
+    budget = check_max_drop(max_drop) if max_drop is not None else None
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
     cfg = merge_export_config(rd, load_run_recipe(rd), cfg, quantize=wanted, int8_io=int8_io,
-                              calibration_method=calibration_method)
-    if not cfg.quantize:
+                              calibration_method=calibration_method, max_drop=budget)
+    flags = sensitivity or budget is not None
+    todo = (wanted or []) if flags else cfg.quantize
+    budget = budget if flags else cfg.max_drop
+    if not todo and not flags and budget is None:
         raise ExportError("no precision to quantize to", "pass --precision int8 (or fp16, dynamic)")
     chosen = _fp32_files(rd, files)
+    mixed = mixed_entries(chosen, files) if flags or budget is not None else []
     check_writable(rd)
     session = ExportSession(rd, cfg, verify, log)
     targets: dict[str, Target] = {}
@@ -577,10 +611,18 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
 
     def work() -> None:
         for e in chosen:
-            if e["model"] not in targets:
-                targets[e["model"]] = _target_for(rd, e["model"])
-            for precision in cfg.quantize:
-                exporter.quantize(targets[e["model"]], e["format"], precision, e)
+            for precision in todo:
+                exporter.quantize(target(e["model"]), e["format"], precision, e)
+        if mixed:
+            if budget is not None and "mcu" in cfg.formats:
+                log(MCU_NOTE)
+            report.extra["sensitivity"] = run_mixed(session, exporter, mixed, target, sensitivity=sensitivity,
+                                                    max_drop=budget)
+
+    def target(model: str) -> Target:
+        if model not in targets:
+            targets[model] = _target_for(rd, model)
+        return targets[model]
 
     run_and_record(work, rd, "quantize", report, session, exporter, t0)
     if check:
