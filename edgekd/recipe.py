@@ -68,9 +68,23 @@ def _check_augment(v: Any) -> Any:
     return v
 
 
+class IdxFiles(_Section):
+    """Explicit IDX files (``data.idx``), instead of the standard names in ``data.path``."""
+
+    train_images: str
+    train_labels: str
+    test_images: Optional[str] = None
+    test_labels: Optional[str] = None
+
+
 class DataConfig(_Section):
-    dataset: str = Field("mnist", description="mnist | digits | npz | folder | csv | text")
-    path: Optional[str] = Field(None, description="file or folder for npz / folder / csv datasets")
+    dataset: str = Field("mnist", description="mnist | fashion_mnist | digits | idx | npz | folder | csv | text")
+    path: Optional[str] = Field(None, description="file or folder for idx / fashion_mnist / npz / folder / csv "
+                                                  "datasets")
+    idx: Optional[IdxFiles] = Field(None, description="idx: the files by role, instead of a folder in data.path")
+    test_split: Literal["auto", "predefined", "random"] = Field(
+        "auto", description="auto: the source's own test split when it has one, else random; predefined: require "
+                            "it; random: draw test_fraction from the whole data set by seed")
     label_column: str = Field("label", description="csv: the column holding the class label")
     image_size: Optional[list[int]] = Field(None, description="folder: resize images to [H, W]")
     grayscale: bool = Field(False, description="folder: read images as one channel")

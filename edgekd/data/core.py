@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from edgekd.data.image_cache import cached_images, decode_image
-from edgekd.data.loader import DeviceLoader, default_workers, make_loader
+from edgekd.data.loader import UINT8_SCALE, DeviceLoader, default_workers, make_loader
 
 from edgekd.data.common import label_names as _label_names
 from edgekd.data.common import need_path as _need_path
@@ -63,7 +63,11 @@ class IndexedDataset(Dataset):
 
     def raw_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All raw inputs and labels of the split, in split order (for ``eval.npz``)."""
-        x = np.stack([self.raw(i) for i in range(len(self))]).astype(np.float32)
+        if getattr(self.read, "take", None) is not None:
+            x = self.take_raw(np.arange(len(self)))
+            x = x.astype(np.float32) / UINT8_SCALE if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+        else:
+            x = np.stack([self.raw(i) for i in range(len(self))]).astype(np.float32)
         return x, self.labels[self.indices].astype(np.int64)
 
 
@@ -80,6 +84,7 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     source: str
+    test_split: str = "random"  # "predefined": the source's own test split, the same for every seed
     augment: str | dict = "none"  # a preset name or the settings (edgekd.data.augment)
     batch_size: int = 64
     workers: int | None = None  # loader processes; None: edgekd.data.loader.default_workers
@@ -113,6 +118,9 @@ class DataBundle:
             "source": self.source, "labels": self.labels, "input_shape": list(self.input_shape),
             "layout": self.layout, "normalization": {"mean": self.mean, "std": self.std},
             "splits": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+            "test_split": self.test_split,
+            "val_split": "drawn from the train split by seed" if self.test_split == "predefined" else
+                         "drawn from the whole data set by seed",
             "augment": self.augment,
         }
 
@@ -152,8 +160,27 @@ class ArrayStore:
         return self.array[rows]
 
 
+class PixelStore(ArrayStore):
+    """uint8 images kept as they are stored: ``store(i)`` is one float32 sample in 0..1, ``store.take(rows)`` a
+    uint8 batch (normalized on the training device by :func:`edgekd.data.loader.normalize_batch`)."""
+
+    def __call__(self, i: int) -> np.ndarray:
+        return self.array[i].astype(np.float32) / UINT8_SCALE
+
+
+class Source(NamedTuple):
+    """What a reader returns. ``test_rows``: the rows of the source's own test split, or None when it has none."""
+
+    read: Callable[[int], np.ndarray]
+    n: int
+    labels: np.ndarray
+    names: list[str]
+    source: str
+    test_rows: np.ndarray | None = None
+
+
 def _in_memory(x: np.ndarray) -> ArrayStore:
-    return ArrayStore(x)
+    return PixelStore(x) if x.dtype == np.uint8 else ArrayStore(x)
 
 
 def _read_mnist(cfg: DataConfig):
@@ -172,25 +199,50 @@ def _read_digits(cfg: DataConfig):
     return _in_memory(x), len(x), d.target.astype(np.int64), [str(i) for i in range(10)], "digits (sklearn)"
 
 
-def _read_npz(cfg: DataConfig):
-    path = _need_path(cfg)
+def _npz_arrays(path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, list[str] | None]:
+    """``x, y`` (or ``x_train, y_train``), the optional ``x_test, y_test`` and ``labels`` of an npz file."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            if "x" not in f or "y" not in f:
-                raise DataError(f"{path} must hold arrays named 'x' and 'y' (found: {', '.join(f.files) or 'none'})")
-            x, y = f["x"], f["y"]
+            keys = ("x", "y") if "x" in f and "y" in f else ("x_train", "y_train")
+            if keys[0] not in f or keys[1] not in f:
+                raise DataError(f"{path} must hold arrays named 'x' and 'y' (or 'x_train' and 'y_train') (found: "
+                                f"{', '.join(f.files) or 'none'})")
+            if ("x_test" in f) != ("y_test" in f):
+                raise DataError(f"{path} holds only one of 'x_test' and 'y_test'", "store both, or neither")
+            x, y = f[keys[0]], f[keys[1]]
+            xt, yt = (f["x_test"], f["y_test"]) if "x_test" in f else (None, None)
             names = [str(n) for n in f["labels"]] if "labels" in f else None
     except DataError:
         raise
     except Exception as e:  # zipfile/pickle/format errors all mean the same to a user
         raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from e
+    return x, y, xt, yt, names
+
+
+def _check_npz(path, x: np.ndarray, y: np.ndarray, what: str) -> None:
     if len(x) != len(y):
-        raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+        raise DataError(f"{path}: {what} x has {len(x)} samples but y has {len(y)}")
     if x.ndim not in (2, 3, 4):
-        raise DataError(f"{path}: x must be (N, F), (N, H, W) or (N, C, H, W), got shape {x.shape}")
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    x = x.astype(np.float32)
+        raise DataError(f"{path}: {what} x must be (N, F), (N, H, W) or (N, C, H, W), got shape {x.shape}")
+
+
+def _read_npz(cfg: DataConfig):
+    path = _need_path(cfg)
+    x, y, xt, yt, names = _npz_arrays(path)
+    _check_npz(path, x, y, "train" if xt is not None else "")
+    test_rows = None
+    if xt is not None:
+        _check_npz(path, xt, yt, "test")
+        if xt.shape[1:] != x.shape[1:] or xt.dtype != x.dtype:
+            raise DataError(f"{path}: x_test is {xt.dtype} {xt.shape[1:]} per sample but the train x is "
+                            f"{x.dtype} {x.shape[1:]}", "store train and test samples of the same shape and dtype")
+        if set(np.unique(yt).tolist()) != set(np.unique(y).tolist()):
+            raise DataError(f"{path}: y_test and the train y have different class sets",
+                            "every class needs samples in both splits")
+        test_rows = np.arange(len(x), len(x) + len(xt))
+        x, y = np.concatenate([x, xt]), np.concatenate([y, yt])
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)
     if x.ndim == 3:
         x = x[:, None]
     if np.issubdtype(y.dtype, np.integer) and names is None and y.min() >= 0:
@@ -200,7 +252,28 @@ def _read_npz(cfg: DataConfig):
         y, names = _label_names(y)
     else:
         y = y.astype(np.int64)
-    return _in_memory(x), len(x), y, names, f"npz {path}"
+    return Source(_in_memory(x), len(x), y, names, f"npz {path}", test_rows)
+
+
+def _read_idx(cfg: DataConfig):
+    from edgekd.data.idx import idx_files_from_config, load_idx_set
+
+    files = idx_files_from_config(cfg.path, cfg.idx.model_dump() if cfg.idx else None)
+    data = load_idx_set(files)
+    y, names = _label_names(data.labels)  # 0..K-1 in label order (EMNIST letters start at 1)
+    where = cfg.path or str(files["train_images"].parent)
+    return Source(PixelStore(data.images), len(y), y, names, f"idx {where}", data.test_rows)
+
+
+def _read_fashion_mnist(cfg: DataConfig):
+    from edgekd.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_folder, find_idx_files, load_idx_set
+
+    folder = fashion_mnist_folder(cfg.path)
+    data = load_idx_set(find_idx_files(folder))
+    if data.labels.min() < 0 or data.labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"fashion_mnist: {folder} holds labels outside 0..9", "use data.dataset: idx for other data")
+    return Source(PixelStore(data.images), len(data.labels), data.labels, list(FASHION_MNIST_CLASSES),
+                  f"fashion_mnist {folder}", data.test_rows)
 
 
 def _read_csv(cfg: DataConfig):
@@ -234,10 +307,8 @@ def _read_csv(cfg: DataConfig):
     return _in_memory(x), len(x), y, names, f"csv {path}"
 
 
-def _read_folder(cfg: DataConfig):
-    from PIL import Image
-
-    root = _need_path(cfg)
+def _class_files(root) -> tuple[list, list[int], list[str]]:
+    """Image files under ``root/<class>/`` (recursively), their class indices and the sorted class names."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise DataError(f"image folder {root} needs one sub-folder per class, at least two (found {len(classes)})",
@@ -250,6 +321,33 @@ def _read_folder(cfg: DataConfig):
                 labels.append(c)
     if not files:
         raise DataError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files, labels, classes
+
+
+def _split_folders(root) -> tuple | None:
+    """``(train, test)`` sub-folders when ``root`` holds a predefined split (``train/`` and ``test/``)."""
+    train, test = root / "train", root / "test"
+    if train.is_dir() and test.is_dir():
+        return train, test
+    return None
+
+
+def _read_folder(cfg: DataConfig):
+    from PIL import Image
+
+    root = _need_path(cfg)
+    split = _split_folders(root)
+    test_rows = None
+    if split is None:
+        files, labels, classes = _class_files(root)
+    else:
+        files, labels, classes = _class_files(split[0])
+        test_files, test_labels, test_classes = _class_files(split[1])
+        if test_classes != classes:
+            raise DataError(f"image folder {split[1]} has classes {test_classes} but {split[0]} has {classes}",
+                            "give train/ and test/ the same class sub-folders")
+        test_rows = np.arange(len(files), len(files) + len(test_files))
+        files, labels = files + test_files, labels + test_labels
     mode = "L" if cfg.grayscale else "RGB"
     if cfg.image_size:
         size = (cfg.image_size[1], cfg.image_size[0])
@@ -262,13 +360,13 @@ def _read_folder(cfg: DataConfig):
     labels = np.asarray(labels, dtype=np.int64)
     if cfg.cache:
         store = cached_images(root, files, mode, size, cfg.cache_dir)
-        return store, len(files), labels, classes, f"folder {root}"
+        return Source(store, len(files), labels, classes, f"folder {root}", test_rows)
 
     def read(i: int) -> np.ndarray:
         # Streamed: one image is decoded at a time, so memory does not grow with the folder.
         return decode_image(files[i], mode, size).astype(np.float32) / 255.0
 
-    return read, len(files), labels, classes, f"folder {root}"
+    return Source(read, len(files), labels, classes, f"folder {root}", test_rows)
 
 
 def _read_text(cfg: DataConfig):
@@ -278,18 +376,27 @@ def _read_text(cfg: DataConfig):
 
 
 READERS = {"mnist": _read_mnist, "digits": _read_digits, "npz": _read_npz, "csv": _read_csv, "folder": _read_folder,
-           "text": _read_text}
+           "text": _read_text, "idx": _read_idx, "fashion_mnist": _read_fashion_mnist}
 # Datasets whose samples are token ids: standardizing them would destroy the ids.
 TOKEN_DATASETS = {"text"}
 
 
 def _stats(read: Callable[[int], np.ndarray], indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (axis 0 of a sample) mean and std over the given samples, in one streaming pass."""
+    take = getattr(read, "take", None)
     total = total_sq = None
     count = 0
-    for i in indices:
-        x = read(int(i)).astype(np.float64)
-        flat = x.reshape(x.shape[0], -1) if x.ndim > 1 else x[:, None]
+    step = 4096 if take is not None else 1
+    for start in range(0, len(indices), step):
+        rows = indices[start:start + step]
+        if take is not None:  # a batch at a time: 60,000 images in well under a second
+            raw = take(rows)
+            # uint8 pixels scaled as read(i) scales them (float32), so both paths give the same statistics
+            x = (raw.astype(np.float32) / UINT8_SCALE if raw.dtype == np.uint8 else raw).astype(np.float64)
+            flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1) if x.ndim > 2 else x.T
+        else:
+            x = read(int(rows[0])).astype(np.float64)
+            flat = x.reshape(x.shape[0], -1) if x.ndim > 1 else x[:, None]
         s, sq = flat.sum(axis=1), (flat ** 2).sum(axis=1)
         total = s if total is None else total + s
         total_sq = sq if total_sq is None else total_sq + sq
@@ -298,6 +405,65 @@ def _stats(read: Callable[[int], np.ndarray], indices: np.ndarray) -> tuple[np.n
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
     std[std < 1e-6] = 1.0  # constant features/channels: leave them unscaled instead of dividing by zero
     return mean, std
+
+
+def _stratified_subset(rows: np.ndarray, y: np.ndarray, size: int, n_classes: int, seed: int) -> np.ndarray:
+    """``size`` of ``rows``, stratified by label when every class can be kept (sorted)."""
+    from sklearn.model_selection import train_test_split
+
+    if size >= len(rows):
+        return rows
+    counts = np.bincount(y[rows])
+    strat = y[rows] if counts[counts > 0].min() >= 2 and size >= n_classes else None
+    return np.sort(train_test_split(rows, train_size=size, random_state=seed, stratify=strat)[0])
+
+
+def _random_splits(y: np.ndarray, cfg: DataConfig, n_classes: int, seed: int):
+    """Train/val/test drawn from the whole data set by seed (stratified), after ``data.limit``."""
+    all_idx = np.arange(len(y))
+    if cfg.limit is not None and cfg.limit < len(y):  # a stratified subset, so a quick run still sees every class
+        all_idx = _stratified_subset(all_idx, y, cfg.limit, n_classes, seed)
+    return tuple(all_idx[s] for s in split_indices(y[all_idx], cfg.val_fraction, cfg.test_fraction, seed))
+
+
+def _predefined_splits(y: np.ndarray, test_rows: np.ndarray, cfg: DataConfig, n_classes: int, seed: int):
+    """The source's own test split, the same for every seed; validation is ``val_fraction`` of its train split.
+
+    With ``data.limit`` both parts shrink in proportion; the test subset is drawn with a fixed seed, so it is still
+    the same for every recipe seed.
+    """
+    from sklearn.model_selection import train_test_split
+
+    is_test = np.zeros(len(y), dtype=bool)
+    is_test[test_rows] = True
+    pool, test = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    if cfg.limit is not None and cfg.limit < len(y):
+        n_test = max(n_classes, round(cfg.limit * len(test) / len(y)))
+        test = _stratified_subset(test, y, n_test, n_classes, 0)
+        pool = _stratified_subset(pool, y, max(cfg.limit - n_test, 2 * n_classes), n_classes, seed)
+    counts = np.bincount(y[pool])
+    strat = y[pool] if counts[counts > 0].min() >= 2 else None
+    try:
+        train, val = train_test_split(pool, test_size=cfg.val_fraction, random_state=seed, stratify=strat)
+    except ValueError as e:
+        raise DataError(f"cannot split {len(pool)} train samples into train/val: {e}",
+                        "use more data or a smaller data.val_fraction") from e
+    return np.sort(train), np.sort(val), test
+
+
+def choose_splits(src: Source, cfg: DataConfig, n_classes: int, seed: int):
+    """``(train, val, test, kind)``: index arrays and ``predefined`` or ``random`` (see ``data.test_split``).
+
+    Raises:
+        DataError: ``data.test_split: predefined`` for a source that has no test split of its own.
+    """
+    if cfg.test_split == "predefined" and src.test_rows is None:
+        raise DataError(f"{src.source} has no test split of its own (data.test_split: predefined)",
+                        "set data.test_split: auto, or give the source one: IDX t10k files, x_test/y_test in the "
+                        "npz, or train/ and test/ sub-folders")
+    if src.test_rows is not None and cfg.test_split != "random":
+        return (*_predefined_splits(src.labels, src.test_rows, cfg, n_classes, seed), "predefined")
+    return (*_random_splits(src.labels, cfg, n_classes, seed), "random")
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -313,7 +479,8 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         close = difflib.get_close_matches(cfg.dataset, READERS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(READERS)}"
         raise DataError(f"unknown dataset {cfg.dataset!r}", hint)
-    read, n, y, names, source = reader(cfg)
+    src = Source(*reader(cfg))
+    read, n, y, names, source = src.read, src.n, src.labels, src.names, src.source
     present = np.unique(y)
     if len(present) < 2:
         only = names[int(present[0])] if len(present) else "none"
@@ -321,15 +488,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
                         "add samples of at least one more class")
     if n < 10:
         raise DataError(f"{source} has only {n} samples; at least 10 are needed to split train/val/test")
-    all_idx = np.arange(n)
-    if cfg.limit is not None and cfg.limit < n:
-        from sklearn.model_selection import train_test_split
-
-        # A stratified subset, so a quick run still sees every class.
-        strat = y if np.bincount(y).min() >= 2 and cfg.limit >= len(names) else None
-        all_idx = np.sort(train_test_split(all_idx, train_size=cfg.limit, random_state=seed, stratify=strat)[0])
-    sub_y = y[all_idx]
-    tr, va, te = (all_idx[s] for s in split_indices(sub_y, cfg.val_fraction, cfg.test_fraction, seed))
+    tr, va, te, test_split = choose_splits(src, cfg, len(names), seed)
     sample = read(int(tr[0]))
     shape = tuple(int(d) for d in sample.shape)
     layout = "NF" if len(shape) == 1 else "NCHW"
@@ -346,5 +505,6 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         raise DataError(f"{source}: inputs contain NaN or infinity")
     return DataBundle(*splits, labels=names, input_shape=shape, layout=layout,
                       mean=[float(v) for v in mean], std=[float(v) for v in std], source=source,
+                      test_split=test_split,
                       augment=cfg.augment if isinstance(cfg.augment, str) else cfg.augment.model_dump(mode="json"),
                       batch_size=cfg.batch_size, workers=cfg.workers)
