@@ -6,9 +6,10 @@ layer but that one* int8. Each is compared with the fp32 file: accuracy drop in 
 output error of the logits as SNR (dB) and mean cosine similarity.
 
 Ranking (most sensitive first) follows the accuracy-control design of NNCF/OpenVINO POT: a layer ranks by what
-keeping it float buys when everything else is int8 (accuracy of the all-but-one file, then its output SNR to
-break the ties a small validation split leaves), so a greedy search that keeps layers float in ranking order
-(:mod:`edgekd.quant.mixed`) reverts the most useful layer first.
+keeping it float buys when everything else is int8, so a greedy search that keeps layers float in ranking order
+(:mod:`edgekd.quant.mixed`) reverts the most useful layer first. What it buys is measured on the logits (the SNR
+of the all-but-one file), then on accuracy: on a validation split of a few hundred samples one sample moves
+accuracy by a fraction of a point, so accuracy alone ranks layers by noise, while the output error is continuous.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ class Sensitivity:
 
 
 def rank_key(s: LayerSensitivity) -> tuple[float, float, float]:
-    """Sort key, most sensitive first: accuracy with the layer kept float, then that file's SNR, then how much
-    the layer alone loses."""
-    return (-s.all_but.accuracy, -s.all_but.snr_db, s.only.snr_db)
+    """Sort key, most sensitive first: the output SNR with the layer kept float (rest int8), then that file's
+    accuracy, then how much output error the layer alone causes."""
+    return (-s.all_but.snr_db, -s.all_but.accuracy, s.only.snr_db)
 
 
 def measure_sensitivity(route: SelectiveRoute, x_raw: np.ndarray, y: np.ndarray, file: str,
