@@ -28,11 +28,13 @@ def sensitivity_tables(data: dict[str, Any] | None, top: int = 10) -> list[Table
         rows = []
         for layer in (rec.get("layers") or [])[:top]:
             kept, only = layer.get("all_but_int8") or {}, layer.get("only_int8") or {}
+            inside = layer.get("output_in_int8") or {}
             rows.append([str(layer.get("rank")), str(layer.get("name")), _pts(kept.get("drop_points")),
                          _db(kept.get("snr_db")), _pts(only.get("drop_points")), _db(only.get("snr_db")),
-                         f"{only.get('cosine')}"])
+                         f"{only.get('cosine')}", _db(inside.get("snr_db"))])
         out.append((title, ["rank", "layer", "kept float, rest int8: points vs fp32", "its SNR dB",
-                            "only it int8: points vs fp32", "its SNR dB", "its cosine"], rows))
+                            "only it int8: points vs fp32", "its SNR dB", "its cosine",
+                            "its output in all-int8: SNR dB"], rows))
     return out
 
 

@@ -58,6 +58,7 @@ class Layer:
     key: str
     name: str
     op: str
+    tensors: tuple[str, ...] = ()  # the op's output tensors (TFLite), for per-tensor comparisons
 
 
 def module_path(tensor_name: str) -> tuple[str, str] | None:
@@ -82,12 +83,12 @@ def _tflite_module(names: list[str]) -> str | None:
     return (weighted or [found[-1][0]])[0]
 
 
-def _unique(layers: list[tuple[str, str, str]]) -> list[Layer]:
+def _unique(layers: list[tuple]) -> list[Layer]:
     seen: dict[str, int] = {}
     out = []
-    for key, name, op in layers:
+    for key, name, op, *tensors in layers:
         seen[name] = seen.get(name, 0) + 1
-        out.append(Layer(key, name if seen[name] == 1 else f"{name} #{seen[name]}", op))
+        out.append(Layer(key, name if seen[name] == 1 else f"{name} #{seen[name]}", op, tuple(*tensors)))
     return out
 
 
@@ -144,6 +145,11 @@ class SelectiveRoute:
                 "input": {"layout": self.layout, "dtype": "float32", "quantization": None},
                 "output": {"dtype": "float32", "quantization": None}}
 
+    def tensor_errors(self, path: Path, x_raw: np.ndarray) -> dict[str, dict[str, float]]:
+        """Per layer key, the error of the layer's own output in an int8 file against the fp32 file ({}: the
+        format has no such comparison)."""
+        return {}
+
     def logits(self, path: Path, x_raw: np.ndarray) -> np.ndarray:
         """Float logits of a file for raw inputs, run in the format's runtime at 1 thread."""
         from edgekd.runtimes import runtime_for
@@ -193,7 +199,7 @@ class TFLiteSelective(SelectiveRoute):
             ins = [names[i] for i in op["inputs"] if i >= 0]
             module = _tflite_module(outs) or _tflite_module(ins[1:2]) or outs[0]
             # ai-edge-quantizer's scope of an op: its output tensor names, each followed by ';'.
-            found.append(("".join(f"{n};" for n in outs), f"{module} ({kind})", kind))
+            found.append(("".join(f"{n};" for n in outs), f"{module} ({kind})", kind, outs))
         return _unique(found)
 
     def layers(self) -> list[Layer]:
@@ -202,12 +208,7 @@ class TFLiteSelective(SelectiveRoute):
     def _calibrate(self) -> dict[str, Any]:
         from ai_edge_quantizer import quantizer, recipe
 
-        it = self._interpreter(self._data)
-        sigs = it.get_signature_list()
-        if not sigs:
-            raise ExportError(f"{self.fp32_path.name} has no signature", "export it again with `edgekd export`")
-        key = next(iter(sigs))
-        name = sigs[key]["inputs"][0]
+        key, name = self._signature()
         q = quantizer.Quantizer(self._data)
         q.load_quantization_recipe(recipe.static_wi8_ai8())
         calib = self.calibration
@@ -241,6 +242,45 @@ class TFLiteSelective(SelectiveRoute):
                               f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
         with atomic_path(path) as tmp:
             tmp.write_bytes(bytes(result.quantized_model))
+
+    def tensor_errors(self, path: Path, x_raw: np.ndarray) -> dict[str, dict[str, float]]:
+        """ai-edge-quantizer's own per-tensor comparison (its model validator, what Model Explorer shows): the SNR
+        and mean cosine of each layer's output in the int8 file, error accumulated up to that layer."""
+        from ai_edge_quantizer import model_validator
+        from ai_edge_quantizer.utils.validation_utils import ValidationErrorMetric as Metric
+        from ai_edge_quantizer.utils.validation_utils import get_validation_func
+
+        from edgekd.runtimes import prepare_input
+
+        x = prepare_input(x_raw, SelectiveRoute.io_entry(self, path))
+        key, name = self._signature()
+        # The validator averages each function over the samples. Its SNR is the mean of per-sample ratios, which
+        # a few near-exact samples dominate; the mean noise and mean signal power give the SNR over all samples,
+        # as output_error computes it for the logits (the signal power rides on the SNR metric's slot).
+        fns = [get_validation_func(Metric.MSE), lambda _q, ref: float(np.square(ref).mean()),
+               get_validation_func(Metric.COSINE_SIMILARITY)]
+        with self.silence(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = model_validator.compare_model(self._data, Path(path).read_bytes(),
+                                                {key: [{name: x[i:i + 1]} for i in range(len(x))]},
+                                                [Metric.MSE, Metric.SNR, Metric.COSINE_SIMILARITY], fns, num_threads=1)
+        tensors = res.get_all_tensor_results()
+        out = {}
+        for layer in self._layers:
+            got = tensors.get(layer.tensors[0]) if layer.tensors else None
+            if got:
+                noise, power = float(got["mse"]), float(got["snr"])
+                snr = 999.0 if noise == 0 else 10 * np.log10(max(power, 1e-30) / noise)
+                out[layer.key] = {"snr_db": round(min(snr, 999.0), 3),
+                                  "cosine": round(float(got["cosine_similarity"]), 6)}
+        return out
+
+    def _signature(self) -> tuple[str, str]:
+        sigs = self._interpreter(self._data).get_signature_list()
+        if not sigs:
+            raise ExportError(f"{self.fp32_path.name} has no signature", "export it again with `edgekd export`")
+        key = next(iter(sigs))
+        return key, sigs[key]["inputs"][0]
 
     def io_entry(self, path: Path) -> dict[str, Any]:
         # A selectively quantized file has int8 inputs/outputs where its first/last layer is int8.

@@ -23,6 +23,8 @@ import numpy as np
 from edgekd.quant.selective import Layer, SelectiveRoute
 
 SCHEMA_VERSION = 1
+# Samples of the per-tensor comparison (every tensor of both files is kept per sample).
+TENSOR_SAMPLES = 64
 Log = Callable[[str], None]
 
 
@@ -85,11 +87,15 @@ class LayerSensitivity:
     only: Measured  # only this layer int8
     all_but: Measured  # every layer int8 but this one
     rank: int = 0
+    in_full: dict[str, float] | None = None  # its own output's error in the full int8 file (where measured)
 
     def to_json(self, full: Measured) -> dict[str, Any]:
-        return {"rank": self.rank, "name": self.layer.name, "op": self.layer.op, "key": self.layer.key,
-                "only_int8": self.only.to_json(), "all_but_int8": self.all_but.to_json(),
-                "recovered_points": round(full.drop_points - self.all_but.drop_points, 4)}
+        out = {"rank": self.rank, "name": self.layer.name, "op": self.layer.op, "key": self.layer.key,
+               "only_int8": self.only.to_json(), "all_but_int8": self.all_but.to_json(),
+               "recovered_points": round(full.drop_points - self.all_but.drop_points, 4)}
+        if self.in_full:
+            out["output_in_int8"] = self.in_full
+        return out
 
 
 @dataclass
@@ -137,11 +143,14 @@ def measure_sensitivity(route: SelectiveRoute, x_raw: np.ndarray, y: np.ndarray,
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
     ev = evaluator or Evaluator(route, x_raw, y)
-    full = ev.measure()
+    full_path = route.work / f"full{route.suffix}"
+    full = ev.measure(keep=full_path)
+    in_full = route.tensor_errors(full_path, x_raw[:TENSOR_SAMPLES])
     layers = route.layers()
     out = []
     for i, layer in enumerate(layers, 1):
-        s = LayerSensitivity(layer, only=ev.measure(only=[layer.key]), all_but=ev.measure(keep_float=[layer.key]))
+        s = LayerSensitivity(layer, only=ev.measure(only=[layer.key]), all_but=ev.measure(keep_float=[layer.key]),
+                             in_full=in_full.get(layer.key))
         out.append(s)
         log(f"  {route.format} {i}/{len(layers)} {layer.name}: only it int8 {-s.only.drop_points:+.2f} points, "
             f"all but it {-s.all_but.drop_points:+.2f}")
