@@ -80,6 +80,8 @@ def test_sensitivity_ranks_every_layer_in_both_runtimes(sensitivity_run):
                 assert -1 <= m["cosine"] <= 1
             assert layer["recovered_points"] == pytest.approx(
                 full["drop_points"] - layer["all_but_int8"]["drop_points"], abs=1e-3)
+        if name.endswith(".tflite"):  # ai-edge-quantizer's per-tensor view of the full int8 file
+            assert all({"snr_db", "cosine"} <= set(layer["output_in_int8"]) for layer in layers)
         # One layer int8 perturbs the logits less than all of them; keeping the top layer float helps most.
         assert max(layer["only_int8"]["snr_db"] for layer in layers) > full["snr_db"], name
         assert layers[0]["all_but_int8"]["snr_db"] >= full["snr_db"], name
@@ -88,6 +90,28 @@ def test_sensitivity_ranks_every_layer_in_both_runtimes(sensitivity_run):
     assert "quant_sensitivity.json" in manifest["artifacts"]
     # Sensitivity alone writes no model file.
     assert not list(run.glob("*_mixed.*"))
+
+
+def test_tflite_per_tensor_errors_match_the_logits(int8_run):
+    """ai-edge-quantizer's per-tensor validator, fed the same samples, gives the classifier's output the SNR and
+    cosine that running the int8 file in LiteRT gives its logits (two independent computations)."""
+    from edgekd.export.common import quiet
+    from edgekd.quant.selective import TFLiteSelective
+
+    info = json.loads((int8_run / "data.json").read_text())
+    with np.load(int8_run / "eval.npz") as ev:
+        x = ev["x"][:48]
+    norm = info["normalization"]
+    calib = (x - np.float32(norm["mean"][0])) / np.float32(norm["std"][0])
+    with TFLiteSelective(int8_run / "student_fp32.tflite", calib, "NCHW", norm, silence=quiet) as route:
+        full = route.work / "full.tflite"
+        route.write(full)
+        errors = route.tensor_errors(full, x)
+        want = output_error(route.logits(route.fp32_path, x), route.logits(full, x))
+        last = route.layers()[-1]
+    assert last.op == "FULLY_CONNECTED" and set(errors) == {layer.key for layer in route.layers()}
+    assert errors[last.key]["snr_db"] == pytest.approx(want["snr_db"], abs=0.05)
+    assert errors[last.key]["cosine"] == pytest.approx(want["cosine"], abs=1e-4)
 
 
 def test_sensitivity_records_the_file_it_measured(sensitivity_run):
