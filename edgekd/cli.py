@@ -261,6 +261,8 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
                         verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False,
                         app=app, ort=ort or None)
+    for line in report.extra.get("sensitivity", []):  # export.max_drop: the layers that cost the most in int8
+        click.echo(line)
     click.echo(summary_table(rd))
     report.raise_for_problems()
 
