@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` (the main job) and `make test` (the test suite).
 # torch==2.13.0 is installed first: it is the local CPU wheel; any other spec would pull CUDA builds.
+# The executorch extra (the .pte target) is part of the test install: its tests run in `make test` and CI.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.edgekd-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,executorch]"
 	touch $(STAMP)
 
 setup: $(STAMP)

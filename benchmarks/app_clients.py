@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekd import provenance
 from edgekd.export.app_profile import to_pixels
 from edgekd.export.app_tflite import litert_top1, mediapipe_top1
 from edgekd.runtimes import runtime_for
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--run", required=True, type=Path)
     ap.add_argument("--no-task-library", action="store_true", help="skip the tflite-support checks")
     args = ap.parse_args()
+    prov = provenance.start(threads="runtime defaults")
     run = args.run
     meta = {e["file"]: e for e in json.loads((run / "metadata.json").read_text())["models"]}
     ev = np.load(run / "eval.npz")
@@ -131,8 +133,9 @@ def main() -> None:
             onnx_rows.append(r)
             print(json.dumps(r))
     RESULTS.mkdir(exist_ok=True)
+    block = prov.finish()
     (RESULTS / "app_clients.json").write_text(json.dumps({"run": run.name, "samples": int(len(y)), "tflite": rows,
-                                                          "onnx": onnx_rows}, indent=2))
+                                                          "onnx": onnx_rows, "provenance": block}, indent=2))
     lines = ["| file | input | LiteRT | MediaPipe | Task Library |", "|---|---|---|---|---|"]
     for r in rows:
         tl = r.get("task_library", "-")
@@ -142,6 +145,7 @@ def main() -> None:
     for r in onnx_rows:
         src = f"{r['source_batch1']:.4f}" if "source_batch1" in r else "-"
         lines.append(f"| {r['file']} | {r['batch1']:.4f} | {r['batch256']:.4f} | {src} |")
+    lines += ["", provenance.markdown(block)]
     (RESULTS / "app_clients.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,19 +1,15 @@
-"""Does compression keep what distillation won? The default recipe's chain, per seed: KD student → pruned → int8.
+"""Does compression keep what distillation won? A recipe's chain after distillation, per seed.
 
-For each finished distill run of a recipe (the seed runs ``kd_gain.py --work DIR`` keeps, or runs trained here), a
-copy of the run goes through the recipe's compression stages exactly as ``edgekd run`` would:
+For each finished distill run of a recipe (the seed runs ``kd_gain.py --work DIR`` keeps), a copy of the run goes
+through every later stage of the recipe exactly as ``edgekd run`` runs them (prune, export with the recipe's
+formats and precisions, QAT-KD, validate, bench, report), so the file the report recommends is the one a user of
+the recipe would ship. The table gives each seed's test accuracy of the scratch student, the KD student, the
+pruned student, the PTQ and QAT-KD int8 ``.tflite`` files, the app-profile int8 file, the MCU file (TFLM), and the
+recommended ("shipped") file, with drops against the unpruned KD student.
+Writes ``compression_chain.{json,md}`` into ``--out`` (default ``benchmarks/results``).
 
-* ``edgekd prune`` with the recipe's ``prune`` section (read from the recipe now, not from the run);
-* ``edgekd export`` of the pruned student to TFLite with int8 post-training quantization (PTQ);
-* ``edgekd quantize --qat``: quantization-aware distillation (the recipe's ``qat`` section, or ``--qat-epochs``).
-
-The table gives each seed's test accuracy (1000 digits on the default recipe) of the scratch student, the KD
-student, the pruned student and both int8 ``.tflite`` files as run in LiteRT, with the drops against the unpruned
-KD student, and whether the int8 files still beat the scratch student.
-Writes ``benchmarks/results/compression_chain.{json,md}``.
-
-Usage: python benchmarks/compression_chain.py --runs DIR/kdgain-0 DIR/kdgain-1 ... [--recipe mnist] [--jobs 2]
-       [--qat-epochs 3]
+Usage: python benchmarks/compression_chain.py --runs DIR/kdgain-0 DIR/kdgain-1 ... [--recipe mnist]
+       [--set key=value ...] [--jobs 2] [--qat-epochs 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -27,49 +23,56 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekd.run_dir import PRUNED_STUDENT
+from edgekd import provenance
+
 RESULTS = Path(__file__).parent / "results"
-FILES = {"ptq": "student_pruned_int8.tflite", "qat": "student_pruned_int8_qat.tflite"}
+# Columns of the table: metrics.json key of each file (the pruned student's files).
+FILES = {"ptq": f"{PRUNED_STUDENT}_int8.tflite", "qat": f"{PRUNED_STUDENT}_int8_qat.tflite",
+         "app": f"{PRUNED_STUDENT}_app_int8.tflite", "mcu": f"{PRUNED_STUDENT}_mcu.tflite"}
+COLUMNS = {"student": "KD student", "pruned": "pruned", "ptq": "PTQ int8 .tflite", "qat": "QAT-KD int8 .tflite",
+           "app": "app int8 .tflite", "mcu": "MCU int8 (TFLM)", "shipped": "shipped file"}
 
 
-def chain(run: str, recipe_arg: str | None, qat_epochs: int | None, work: str) -> dict:
-    """Prune, export (PTQ int8) and QAT a copy of one finished distill run; return its row."""
-    from edgekd.export import run_export
-    from edgekd.export.qat import run_qat
-    from edgekd.prune import run_prune
+def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: int | None, work: str,
+          bench_runs: int | None) -> dict:
+    """Run the recipe's stages after distill on a copy of one finished distill run; return its row."""
     from edgekd.recipe import QATConfig, load_recipe
+    from edgekd.results import ValidationResult
+    from edgekd.run import run_pipeline
     from edgekd.run_dir import RunDir
 
     src = Path(run)
-    rd = RunDir(Path(work) / src.name)
-    shutil.copytree(src, rd.path)
-    for stale in rd.path.glob("checkpoints/prune*"):  # a copy starts its compression from scratch
+    seed = _seed_of(run)
+    shutil.copytree(src, Path(work) / src.name)
+    for stale in (Path(work) / src.name).glob("checkpoints/prune*"):  # a copy starts its compression afresh
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    recipe = load_recipe(recipe_arg)
-    p = recipe.prune
-    times = {}
-    t0 = time.perf_counter()
-    run_prune(rd, ratio=p.ratio if p.target_macs is None and p.target_params is None else None,
-              target_macs=p.target_macs, target_params=p.target_params, steps=p.steps, importance=p.importance,
-              finetune_epochs=p.finetune_epochs, protect=p.protect, global_pruning=p.global_pruning, lr=p.lr,
-              quiet=True, latency_runs=20)
-    times["prune_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run_export(rd, formats=["tflite"], quantize=["int8"], teacher=False, app=False, check=True)
-    times["export_s"] = time.perf_counter() - t0
+    overrides = [o.replace("{seed}", str(seed)) for o in overrides]
+    recipe = load_recipe(recipe_arg, overrides, seed=seed, name=src.name)
     qcfg = recipe.qat or QATConfig()
     if qat_epochs:
         qcfg = qcfg.model_copy(update={"epochs": qat_epochs})
+    update = {"qat": qcfg}
+    if bench_runs and recipe.bench is not None:
+        update["bench"] = recipe.bench.model_copy(update={"runs": bench_runs})
     t0 = time.perf_counter()
-    run_qat(rd, cfg=qcfg, formats=["tflite"], check=True)
-    times["qat_s"] = time.perf_counter() - t0
-    m = json.loads((rd / "metrics.json").read_text())
-    row = {"run": str(src), "seed": _seed_of(run),
-           "teacher": m["teacher"]["test_accuracy"], "scratch": m["baseline"]["test_accuracy"],
-           "student": m["student"]["test_accuracy"], "pruned": m["student_pruned"]["test_accuracy"],
-           "mac_reduction": m["student_pruned"]["mac_reduction"], "qat_epochs": qcfg.epochs,
-           "load_avg_1m": os.getloadavg()[0], **{k: round(v, 1) for k, v in times.items()}}
+    result = run_pipeline(recipe.model_copy(update=update), out=work, quiet=True, raise_on_budget=False)
+    rd = RunDir(result.run_dir)
+    if "distill" in result.ran:
+        raise RuntimeError(f"{src} was trained again: it was not distilled with {recipe_arg} and these --set values")
+    m = rd.metrics()
+    rec = result.report.summary.recommended
+    mcu = {r.file: r.extra["mcu"] for r in ValidationResult.read(rd).rows if isinstance(r.extra.get("mcu"), dict)}
+    row = {"run": str(src), "seed": seed, "teacher": m["teacher"]["test_accuracy"],
+           "scratch": m["baseline"]["test_accuracy"], "student": m["student"]["test_accuracy"],
+           "pruned": m[PRUNED_STUDENT]["test_accuracy"], "mac_reduction": m[PRUNED_STUDENT]["mac_reduction"],
+           "qat_epochs": qcfg.epochs, "shipped_file": rec.file if rec else None,
+           "shipped": rec.test_accuracy if rec else None, "rule": result.report.summary.rule,
+           "mcu_flash_bytes": mcu.get(FILES["mcu"], {}).get("flash_bytes"),
+           "mcu_arena_bytes": mcu.get(FILES["mcu"], {}).get("ram_bytes"),
+           "stages": result.ran, "seconds": round(time.perf_counter() - t0, 1), "load_avg_1m": os.getloadavg()[0]}
     for key, name in FILES.items():
-        row[key] = m[name]["test_accuracy"]
+        row[key] = m.get(name, {}).get("test_accuracy")
     print(json.dumps(row), flush=True)
     return row
 
@@ -80,43 +83,68 @@ def _seed_of(run: str) -> int:
     return int(read_yaml(Path(run) / "recipe.yaml").get("seed", 0))
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    def pts(a: float, b: float) -> str:
-        return f"{100 * (a - b):+.1f}"
+def _cell(r: dict, key: str) -> str:
+    v = r.get(key)
+    if v is None:
+        return "—"
+    return f"{v:.4f} ({100 * (v - r['student']):+.1f})" if key not in ("student",) else f"{v:.4f}"
 
-    lines = ["# Compression chain: KD student → pruned → int8 (default recipe, per seed)", "",
-             f"Recipe `{meta['recipe']}`: prune {meta['prune']}; PTQ = `edgekd export` int8 (static, per-channel); "
-             f"QAT = `edgekd quantize --qat`, {rows[0]['qat_epochs']} epochs of KD with int8 fake quantization. "
-             "Accuracy of the `.tflite` files as run in LiteRT on the test split (1000 digits: 0.1 point each). "
-             f"{meta['machine']}; load average (1 min) at the end of each seed: "
-             + ", ".join(f"{r['load_avg_1m']:.1f}" for r in rows) + ".", "",
-             "| seed | teacher | scratch | KD student | pruned (vs KD) | PTQ int8 .tflite (vs KD) | QAT int8 .tflite (vs KD) "
-             "| int8 beats scratch |", "|---|---|---|---|---|---|---|---|"]
+
+def summarize(rows: list[dict]) -> dict:
+    """Means per column, the worst drop against the KD student, and per-seed checks of the shipped file."""
+    keys = ["teacher", "scratch", *COLUMNS]
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in keys if all(r.get(k) is not None for r in rows)}
+    worst = {k: max(100 * (r["student"] - r[k]) for r in rows) for k in COLUMNS if k in mean and k != "student"}
+    shipped_ok = [r["shipped"] is not None and r["student"] - r["shipped"] <= 0.005 + 1e-9 for r in rows]
+    beats = [r["shipped"] is not None and r["shipped"] > r["scratch"] for r in rows]
+    return {"mean": mean, "worst_drop_points": worst, "shipped_within_half_point": sum(shipped_ok),
+            "shipped_beats_scratch": sum(beats), "seeds": len(rows)}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    summary = summarize(rows)
+    head = ["seed", "scratch", *COLUMNS.values(), "shipped file", "shipped − scratch"]
+    lines = ["# Compression chain: KD student → pruned → int8 / app / MCU files, per seed", "",
+             f"Recipe `{meta['recipe']}`" + "".join(f" `--set {o}`" for o in meta.get("overrides", [])) + ": every "
+             f"stage after distill as `edgekd run` runs it, plus QAT-KD ({rows[0]['qat_epochs']} epochs). Prune: "
+             f"{meta['prune']}. Test accuracy of each file in its runtime (LiteRT; the MCU file in TensorFlow Lite "
+             f"Micro), points against the unpruned KD student in parentheses; the shipped file is the one the "
+             f"report recommends ({rows[0]['rule']}). {meta['machine']}; load average (1 min) at the end of each "
+             "seed: " + ", ".join(f"{r['load_avg_1m']:.1f}" for r in rows) + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        beats = "PTQ " + ("yes" if r["ptq"] > r["scratch"] else "no") + ", QAT " + ("yes" if r["qat"] > r["scratch"] else "no")
-        lines.append(f"| {r['seed']} | {r['teacher']:.3f} | {r['scratch']:.3f} | {r['student']:.3f} | "
-                     f"{r['pruned']:.3f} ({pts(r['pruned'], r['student'])}) | {r['ptq']:.3f} ({pts(r['ptq'], r['student'])}) | "
-                     f"{r['qat']:.3f} ({pts(r['qat'], r['student'])}) | {beats} |")
-    mean = {k: statistics.fmean(r[k] for r in rows) for k in ("teacher", "scratch", "student", "pruned", "ptq", "qat")}
-    lines.append(f"| mean | {mean['teacher']:.4f} | {mean['scratch']:.4f} | {mean['student']:.4f} | {mean['pruned']:.4f} "
-                 f"({pts(mean['pruned'], mean['student'])}) | {mean['ptq']:.4f} ({pts(mean['ptq'], mean['student'])}) | "
-                 f"{mean['qat']:.4f} ({pts(mean['qat'], mean['student'])}) | |")
-    worst = {k: max(100 * (r["student"] - r[k]) for r in rows) for k in ("pruned", "ptq", "qat")}
-    lines += ["", f"Largest drop against the unpruned KD student over the seeds: pruned {worst['pruned']:.1f}, "
-                  f"PTQ int8 {worst['ptq']:.1f}, QAT int8 {worst['qat']:.1f} points. Seconds per seed (median): prune "
-                  f"{statistics.median(r['prune_s'] for r in rows):.0f}, export {statistics.median(r['export_s'] for r in rows):.0f}, "
-                  f"QAT {statistics.median(r['qat_s'] for r in rows):.0f}."]
+        lines.append(f"| {r['seed']} | {r['scratch']:.4f} | " + " | ".join(_cell(r, k) for k in COLUMNS)
+                     + f" | `{r['shipped_file']}` | {100 * ((r['shipped'] or 0) - r['scratch']):+.1f} |")
+    m = summary["mean"]
+    lines.append("| mean | " + f"{m['scratch']:.4f} | " + " | ".join(
+        f"{m[k]:.4f}" + (f" ({100 * (m[k] - m['student']):+.1f})" if k != "student" else "") if k in m else "—"
+        for k in COLUMNS) + f" | | {100 * (m.get('shipped', 0) - m['scratch']):+.1f} |")
+    worst = ", ".join(f"{COLUMNS[k]} {v:.1f}" for k, v in summary["worst_drop_points"].items())
+    flash = [r["mcu_flash_bytes"] for r in rows if r.get("mcu_flash_bytes")]
+    arena = [r["mcu_arena_bytes"] for r in rows if r.get("mcu_arena_bytes")]
+    lines += ["", f"Largest drop against the unpruned KD student over the seeds (points): {worst}. The shipped file "
+                  f"is within 0.5 point of the unpruned KD student on {summary['shipped_within_half_point']} of "
+                  f"{summary['seeds']} seeds and above the scratch student on {summary['shipped_beats_scratch']}."]
+    if flash:
+        lines.append(f"MCU file: {max(flash):,} bytes of flash at most, tensor arena {max(arena):,} bytes at most "
+                     "(as the MCU target measures them).")
+    lines.append(f"Seconds per seed for the stages after distill (median): "
+                 f"{statistics.median(r['seconds'] for r in rows):.0f}.")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True, help="finished distill runs of the recipe (one per seed)")
-    ap.add_argument("--recipe", default=None, help="recipe whose prune/qat sections apply (default: mnist)")
+    ap.add_argument("--recipe", default=None, help="the recipe the runs were distilled with (default: mnist)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="the --set overrides the runs were distilled with ({seed} is replaced)")
     ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the recipe's qat section)")
+    ap.add_argument("--bench-runs", type=int, default=None, help="timed runs per file (default: the recipe's)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds compressed at once (processes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    prov = provenance.start(threads=f"{args.jobs} process(es), each its share of the cores")
     import platform
 
     import torch
@@ -124,26 +152,30 @@ def main() -> None:
     from edgekd.recipe import load_recipe
 
     runs = sorted(args.runs, key=_seed_of)
+    n = len(runs)
     with tempfile.TemporaryDirectory(prefix="chain-") as work:
+        call = (runs, [args.recipe] * n, [args.overrides] * n, [args.qat_epochs] * n, [work] * n,
+                [args.bench_runs] * n)
         if args.jobs > 1:
             from concurrent.futures import ProcessPoolExecutor
 
             threads = max(1, (os.cpu_count() or 1) // args.jobs)  # each process its share of the cores
             with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-                rows = list(pool.map(chain, runs, [args.recipe] * len(runs), [args.qat_epochs] * len(runs),
-                                     [work] * len(runs)))
+                rows = list(pool.map(chain, *call))
         else:
-            rows = [chain(r, args.recipe, args.qat_epochs, work) for r in runs]
-    recipe = load_recipe(args.recipe)
+            rows = [chain(*a) for a in zip(*call)]
+    recipe = load_recipe(args.recipe, [o.replace("{seed}", "0") for o in args.overrides])
     prune = recipe.prune.model_dump(exclude_none=True)
     if recipe.prune.target_macs or recipe.prune.target_params:
         prune.pop("ratio", None)  # a target wins over the ratio
-    meta = {"recipe": args.recipe or "mnist", "prune": prune,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
-                       f"{os.environ.get('OMP_NUM_THREADS')}, torch {torch.__version__}"}
+    meta = {"recipe": args.recipe or "mnist", "overrides": args.overrides, "prune": prune,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {max(1, (os.cpu_count() or 1) // args.jobs)} "
+                       f"torch thread(s) per process, {args.jobs} process(es), torch {torch.__version__}"}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compression_chain.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    text = markdown(rows, meta)
+    block = prov.finish()
+    (args.out / "compression_chain.json").write_text(json.dumps(
+        {"meta": meta, "rows": rows, "summary": summarize(rows), "provenance": block}, indent=2) + "\n")
+    text = markdown(rows, meta) + "\n" + provenance.markdown(block)
     (args.out / "compression_chain.md").write_text(text)
     print(text)
 

@@ -8,7 +8,7 @@ Runs the same recipe three ways on this machine and reads the per-epoch seconds 
 * 2 processes x 1 thread   (``torchrun --nproc_per_node=2``; same global batch, gradients all-reduced)
 
 Usage: python benchmarks/ddp_scaling.py [--recipe R] [--epochs N]
-Prints a table and writes benchmarks/results/ddp_scaling_<recipe name>.{json,png}.
+Prints a table and writes benchmarks/results/ddp_scaling_<recipe name>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+from edgekd import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--recipe", default=None, help="recipe YAML (default: a CNN teacher on mnist 5k)")
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
+    prov = provenance.start(threads="1 process x 1 and 2 threads, 2 processes x 1 thread (OMP_NUM_THREADS)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         recipe = yaml.safe_load(Path(args.recipe).read_text()) if args.recipe else dict(DEFAULT)
@@ -73,12 +76,17 @@ def main() -> None:
     ref = statistics.median(rows["1 process, 1 thread"])
     result = {"recipe": recipe, "cpu_count": os.cpu_count(), "epoch_seconds": rows,
               "median_epoch_seconds": {k: statistics.median(v) for k, v in rows.items()}}
+    result["provenance"] = prov.finish()
     print(f"{'setup':42s} {'median s/epoch':>15s} {'speed-up vs 1x1':>16s}")
+    md = [f"# DDP scaling: {recipe.get('name')}", "", "| setup | median s/epoch | speed-up vs 1 process x 1 thread |",
+          "|---|---|---|"]
     for k, v in result["median_epoch_seconds"].items():
         print(f"{k:42s} {v:15.2f} {ref / v:15.2f}x")
+        md.append(f"| {k} | {v:.2f} | {ref / v:.2f}x |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"ddp_scaling_{recipe.get('name', 'recipe')}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n\n" + provenance.markdown(result["provenance"]))
     import matplotlib
 
     matplotlib.use("Agg")

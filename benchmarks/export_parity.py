@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekd import provenance
 from edgekd.export import run_export, summary_table
 from edgekd.export.parity import compare
 from edgekd.run_dir import RunDir
@@ -35,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 def _other_route(rd: RunDir, chosen: str) -> dict | None:
     """Quantize the student's fp32 .tflite to int8 with the route export did not keep, and measure it."""
     from edgekd.export import metadata as meta_mod
-    from edgekd.export import pipeline
+    from edgekd.export import session as pipeline
     from edgekd.export.tflite import ROUTE_AEQ, ROUTE_PT2E, quantize_aeq, quantize_pt2e
     from edgekd.recipe import ExportConfig
 
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    prov = provenance.start(threads="runtime defaults")
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgekd-export-parity-") as tmp:
@@ -136,11 +138,13 @@ def main() -> None:
     ]
     if problems:
         md += ["", "Problems reported by export: " + "; ".join(problems)]
+    block = prov.finish()
+    md += ["", provenance.markdown(block)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "export_parity.json").write_text(json.dumps(
         {"rows": rows, "checks": checks, "problems": problems, "distill_seconds": round(distill_s, 1),
-         "export_seconds": round(export_s, 1)}, indent=2) + "\n")
+         "export_seconds": round(export_s, 1), "provenance": block}, indent=2) + "\n")
     (out / "export_parity.md").write_text("\n".join(md) + "\n")
     _figure(rows, out / "export_parity.png")
     print("\n" + "\n".join(md))

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekd import provenance
 from edgekd.bench import machine_info, run_bench
 from edgekd.recipe import DataConfig, ExportConfig, Recipe, load_recipe, save_recipe
-from edgekd.report import quantization_findings, _quant_sentence
+from edgekd.report import matrix_markdown, quantization_findings
 from edgekd.run_dir import RunDir, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -188,6 +189,7 @@ def main() -> None:
         render(json.loads((Path(args.out) / "int8_speed.json").read_text()), Path(args.out))
         return
     threads = [int(t) for t in args.threads.split(",")]
+    prov = provenance.start(threads=threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -220,7 +222,7 @@ def main() -> None:
     result = {"machine": machine, "settings": {"runs": args.runs, "warmup": args.warmup, "threads": threads,
                                                "batch": 1, "timing": "edgekd bench: fresh process per file x "
                                                "runtime x threads, p50 of single-call latency"},
-              "seconds": round(time.perf_counter() - t_start, 1), "models": models}
+              "seconds": round(time.perf_counter() - t_start, 1), "models": models, "provenance": prov.finish()}
     write_json_atomic(out / "int8_speed.json", result)
     render(result, out)
 
@@ -257,8 +259,9 @@ def render(result: dict, out: Path) -> None:
         md += [f"Routes: {routes}.", ""]
         if m["export"]["failures"]:
             md += ["Export failures: " + "; ".join(m["export"]["failures"]), ""]
-        md += [f"- {_quant_sentence(f)}" for f in m["findings"]] + [""]
-    md += ["![p50 latency per precision, runtime and thread count](int8_speed.png)", ""]
+        md += matrix_markdown(m["findings"], level="###")
+    md += ["![p50 latency per precision, runtime and thread count](int8_speed.png)", "",
+           provenance.markdown(result.get("provenance"))]
     text = "\n".join(md)
     write_text_atomic(out / "int8_speed.md", text)
     print(text)

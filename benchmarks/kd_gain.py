@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekd import provenance
 from edgekd.distill import run_distill
 from edgekd.recipe import load_recipe
 
@@ -31,6 +32,27 @@ RESULTS = Path(__file__).parent / "results"
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def gap_closed(teacher: float, scratch: float, kd: float) -> float:
+    """Share of the scratch→teacher accuracy gap that the KD student closes (NaN when the teacher is not ahead)."""
+    return (kd - scratch) / (teacher - scratch) if teacher > scratch else float("nan")
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided ``level`` confidence interval (Student's t, n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, float("nan"), float("nan")
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return m, m - half, m + half
+
+
+def with_seed(overrides: list[str], seed: int) -> list[str]:
+    """``--set`` values with ``{seed}`` replaced (e.g. a per-seed ``teacher.checkpoint``)."""
+    return [o.replace("{seed}", str(seed)) for o in overrides]
 
 
 def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 5, epochs: int = 2) -> dict:
@@ -78,12 +100,27 @@ def epoch_cost(recipe, teacher_ckpt: Path, work: Path, rounds: int = 5, epochs: 
             "epochs_each": len(times["plain"]), "threads": torch.get_num_threads()}
 
 
+def finished_run(recipe, work: Path):
+    """The seed's run in ``work`` when a previous invocation finished it with this very recipe (a long benchmark
+    stopped part-way continues where it stopped), else None."""
+    from edgekd.run_dir import RunDir
+
+    rd = RunDir(work / recipe.name)
+    if not (rd / "recipe.yaml").is_file() or rd.stage_status("distill") != "done":
+        return None
+    from edgekd.recipe import without_execution_keys
+
+    saved = load_recipe(rd / "recipe.yaml")
+    same = without_execution_keys(saved.to_dict()) == without_execution_keys(recipe.to_dict())
+    return rd if same else None
+
+
 def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str) -> dict:
     """Distill one seed of the recipe (teacher, scratch baseline, KD student) and return its table row."""
     import torch
 
-    recipe = load_recipe(recipe_arg, overrides, seed=seed, name=f"kdgain-{seed}")
-    rd = run_distill(recipe, out=work, quiet=True)
+    recipe = load_recipe(recipe_arg, with_seed(overrides, seed), seed=seed, name=f"kdgain-{seed}")
+    rd = finished_run(recipe, Path(work)) or run_distill(recipe, out=work, quiet=True)
     m = rd.metrics()
     row = {"seed": seed, **{k: m[k]["test_accuracy"] for k in ("teacher", "baseline", "student")},
            **{f"{k}_val": m[k]["val_accuracy"] for k in ("teacher", "baseline", "student")},
@@ -93,8 +130,7 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
            "teacher_macs": m["teacher"]["macs"], "student_macs": m["student"]["macs"],
            "teacher_cache": m["student"].get("teacher_cache"), "seconds": rd.manifest()["stages"]["distill"]["seconds"],
            "run": str(rd.path)}
-    row["gap_closed"] = ((row["student"] - row["baseline"]) / (row["teacher"] - row["baseline"])
-                         if row["teacher"] > row["baseline"] else float("nan"))
+    row["gap_closed"] = gap_closed(row["teacher"], row["baseline"], row["student"])
     row["epoch_ratio"] = row["kd_epoch_s"] / row["plain_epoch_s"]
     row["load_avg_1m"] = os.getloadavg()[0]
     row["threads"] = torch.get_num_threads()
@@ -118,19 +154,20 @@ def _cost_from(args, run: Path) -> None:
     recipe = cost_recipe(args, seed)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
+    prov = provenance.start()
     with tempfile.TemporaryDirectory() as tmp:
         cost = epoch_cost(recipe, run / "teacher.pt", Path(tmp))
-    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe)
+    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe, prov)
     write_table(out)
 
 
 def cost_recipe(args, seed: int):
     """The recipe the epoch cost is measured with: the benchmarked one, augmented as ``--cost-augment`` says."""
-    recipe = load_recipe(args.recipe, args.overrides, seed=seed)
+    recipe = load_recipe(args.recipe, with_seed(args.overrides, seed), seed=seed)
     aug = args.cost_augment or (recipe.data.augment if recipe.data.augment not in (None, "none") else "light")
     if not isinstance(aug, str):  # a mapping of settings: an override in YAML flow style
         aug = json.dumps(aug.model_dump(mode="json"))
-    return load_recipe(args.recipe, [*args.overrides, f"data.augment={aug}"], seed=seed)
+    return load_recipe(args.recipe, [*with_seed(args.overrides, seed), f"data.augment={aug}"], seed=seed)
 
 
 def _threads(rows: list[dict], cost: dict) -> str:
@@ -144,16 +181,23 @@ def _threads(rows: list[dict], cost: dict) -> str:
     return f"{runs} in the seed runs, {cost['threads']} in the epoch-cost comparison"
 
 
-def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, load_start, recipe) -> None:
+def _cores(saved: dict) -> str:
+    """The core count for the load sentence, from the provenance block (older results have none: empty)."""
+    cores = (saved.get("provenance") or {}).get("cores")
+    return f" on {cores} cores" if cores else ""
+
+
+def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, load_start, recipe, prov) -> None:
     out.mkdir(parents=True, exist_ok=True)
     aug = recipe.data.augment
-    trained = load_recipe(args.recipe, args.overrides, seed=rows[0]["seed"]).data.augment
+    trained = load_recipe(args.recipe, with_seed(args.overrides, rows[0]["seed"]), seed=rows[0]["seed"]).data.augment
     (out / "kd_gain.json").write_text(json.dumps({
         "recipe": args.recipe or "mnist", "seeds": [r["seed"] for r in rows], "rows": rows, "epoch_cost": cost,
         "seconds": seconds, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
         "augment": trained if isinstance(trained, str) else trained.model_dump(),
-        "cost_augment": aug if isinstance(aug, str) else aug.model_dump(), "overrides": list(args.overrides)},
-        indent=2) + "\n")
+        "cost_augment": aug if isinstance(aug, str) else aug.model_dump(), "overrides": list(args.overrides),
+        "target_gap_closed": args.target,
+        "provenance": prov.finish(threads=_threads(rows, cost))}, indent=2) + "\n")
 
 
 def main() -> None:
@@ -168,6 +212,8 @@ def main() -> None:
     ap.add_argument("--cost-augment", default=None, help="augmentation of the epoch-cost comparison (default: the "
                                                            "recipe's, or `light` when it has none)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved JSON")
+    ap.add_argument("--target", type=float, default=0.75, help="share of the scratch->teacher gap KD should close "
+                                                              "(stated beside the result)")
     ap.add_argument("--cost-from", default=None, metavar="RUN",
                     help="only measure the epoch cost with the teacher of this finished seed run, then write the "
                          "results from the rows saved so far (kd_gain.partial.json)")
@@ -181,6 +227,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()
+    prov = provenance.start()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         if args.jobs > 1:
@@ -208,20 +255,47 @@ def main() -> None:
               f"teacher cache {cost['cache_seconds']:.2f} s once per run", flush=True)
 
     out = Path(args.out)
-    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe)
+    _write_json(out, args, rows, cost, time.perf_counter() - t0, load_start, recipe, prov)
     (out / "kd_gain.partial.json").unlink(missing_ok=True)
     write_table(out)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means ± std of teacher / scratch / KD accuracy, the gap KD closes, and KD's lead over scratch with the 95%
+    interval of its mean (the per-seed leads are paired: the same seed's split, initial weights and teacher)."""
+    summary = {k: mean_std([r[k] for r in rows]) for k in ("teacher", "baseline", "student", "epoch_ratio")}
+    t, b, s = summary["teacher"][0], summary["baseline"][0], summary["student"][0]
+    summary["gap_closed_of_means"] = gap_closed(t, b, s)
+    summary["gap_closed_per_seed_mean"] = statistics.fmean(r["gap_closed"] for r in rows)
+    summary["lead"] = mean_interval([r["student"] - r["baseline"] for r in rows])
+    summary["wins"] = sum(r["student"] > r["baseline"] for r in rows)
+    leads = [100 * (r["student"] - r["baseline"]) for r in rows]
+    mean, low, high = mean_interval(leads)
+    summary["lead_points"] = {"per_seed": leads, "mean": mean, "ci95": [low, high], "wins": summary["wins"]}
+    return summary
+
+
+def _seed_table(rows: list[dict], summary: dict) -> list[str]:
+    lines = ["| seed | teacher | scratch | KD student | KD − scratch (points) | gap closed |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['teacher']:.4f} | {r['baseline']:.4f} | {r['student']:.4f} | "
+                     f"{100 * (r['student'] - r['baseline']):+.2f} | {r['gap_closed']:.0%} |")
+    lead, lo, hi = summary["lead"]
+    lines.append(f"| mean ± std | {summary['teacher'][0]:.4f} ± {summary['teacher'][1]:.4f} | "
+                 f"{summary['baseline'][0]:.4f} ± {summary['baseline'][1]:.4f} | "
+                 f"{summary['student'][0]:.4f} ± {summary['student'][1]:.4f} | {100 * lead:+.2f} "
+                 f"(95% interval {100 * lo:+.2f} to {100 * hi:+.2f}) | {summary['gap_closed_of_means']:.1%} of the "
+                 "means |")
+    return lines
 
 
 def write_table(out: Path) -> None:
     """Write ``kd_gain.md`` (and the summary in ``kd_gain.json``) from the rows saved in ``kd_gain.json``."""
     saved = json.loads((out / "kd_gain.json").read_text())
     rows, cost = saved["rows"], saved["epoch_cost"]
-    summary = {k: mean_std([r[k] for r in rows]) for k in ("teacher", "baseline", "student", "epoch_ratio")}
-    t, b, s = summary["teacher"][0], summary["baseline"][0], summary["student"][0]
-    summary["gap_closed_of_means"] = (s - b) / (t - b) if t > b else float("nan")
-    summary["gap_closed_per_seed_mean"] = statistics.fmean(r["gap_closed"] for r in rows)
-    wins = sum(r["student"] > r["baseline"] for r in rows)
+    summary = summarize(rows)
+    target = saved.get("target_gap_closed", 0.75)
+    lead, lo, hi = summary["lead"]
     loads = ", ".join(f"{r.get('load_avg_1m', float('nan')):.1f}" for r in rows)
     r0 = rows[0]
     md = [
@@ -229,34 +303,35 @@ def write_table(out: Path) -> None:
         + "".join(f" `--set {o}`" for o in saved.get("overrides", []))
         + f", seeds {saved['seeds']}; teacher {r0['teacher_params']:,} params / "
         f"{r0['teacher_macs']:,} MACs, student {r0['student_params']:,} params / {r0['student_macs']:,} MACs; "
-        f"torch threads per process: {_threads(rows, cost)}.",
+        f"torch threads per process: {_threads(rows, cost)}. Test accuracy:",
         "",
-        "| model | test accuracy (mean ± std) |",
-        "|---|---|",
-        *(f"| {label} | {summary[k][0]:.4f} ± {summary[k][1]:.4f} |"
-          for label, k in (("teacher", "teacher"), ("student from scratch", "baseline"), ("KD student", "student"))),
+        *_seed_table(rows, summary),
         "",
-        f"KD closes **{summary['gap_closed_of_means']:.1%}** of the scratch→teacher gap of the means (target ≥ 75%); "
-        "per seed: " + ", ".join(f"{r['gap_closed']:.0%}" for r in rows)
-        + f" (mean {summary['gap_closed_per_seed_mean']:.0%}). The KD student beats the scratch student on "
-        f"{wins} of {len(rows)} seeds, by {100 * (s - b):.2f} points on average.",
+        f"KD closes **{summary['gap_closed_of_means']:.1%}** of the scratch→teacher gap of the means (target ≥ "
+        f"{target:.0%}: {'met' if summary['gap_closed_of_means'] >= target else 'not met'}); per-seed mean "
+        f"{summary['gap_closed_per_seed_mean']:.0%}. The KD student beats the scratch student on {summary['wins']} "
+        f"of {len(rows)} seeds, by {100 * lead:+.2f} points on average; the 95% interval of that mean lead "
+        f"(t, {len(rows) - 1} degrees of freedom) is {100 * lo:+.2f} to {100 * hi:+.2f} points"
+        + (" and excludes zero." if lo > 0 or hi < 0 else ", which includes zero: not a result."),
         "",
         f"Students trained with augmentation `{saved.get('augment', 'none')}`. "
-        f"With augmentation `{saved.get('cost_augment', saved.get('augment', 'none'))}`, a KD epoch replaying the augmented-teacher cache costs "
-        f"**{cost['ratio']:.2f}x** a plain (augmented) epoch (target ≤ 1.2): "
+        f"With augmentation `{saved.get('cost_augment', saved.get('augment', 'none'))}`, a KD epoch replaying the "
+        f"augmented-teacher cache costs **{cost['ratio']:.2f}x** a plain (augmented) epoch: "
         f"{cost['kd_epoch_s']:.3f} s vs {cost['plain_epoch_s']:.3f} s, medians of {cost['epochs_each']} epochs "
         f"each, alternating plain and KD in one process ({cost['threads']} torch thread(s)); building the cache "
         f"({cost.get('cache_views', 1)} view(s) of every training sample, {cost.get('cache_bytes', 0) / 1e6:.2f} MB "
-        f"on disk) costs {cost['cache_seconds']:.2f} s once per run. Load average (1 min) during the runs: "
-        f"{loads} on 2 cores shared with "
-        f"other work. (Inside the seed runs above, where the baseline and "
+        f"on disk) costs {cost['cache_seconds']:.2f} s once per run. Load average (1 min) at the end of each seed "
+        f"run: {loads}{_cores(saved)}, this benchmark's own processes included. (Inside the seed runs above, "
+        f"where the baseline and "
         f"the KD student train one after the other, the ratio was {summary['epoch_ratio'][0]:.2f} ± "
         f"{summary['epoch_ratio'][1]:.2f}.)",
     ]
+    md += ["", provenance.markdown(saved.get("provenance"))]
     saved["summary"] = summary
     (out / "kd_gain.json").write_text(json.dumps(saved, indent=2) + "\n")
     (out / "kd_gain.md").write_text("\n".join(md) + "\n")
     print("\n" + "\n".join(md))
+
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ from typing import Any
 
 from torch import nn
 
-from edgekd import losses
+from edgekd import losses, provenance
 from edgekd.distill import run_distill
 from edgekd.recipe import load_recipe, validate_recipe
 
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved JSON")
     args = ap.parse_args()
+    prov = provenance.start()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,12 +148,17 @@ def main() -> None:
     if store.get("budget") not in (None, args.budget):
         runs, choices = {}, {}  # results of another budget are not comparable
     if args.table_only:
-        write_table(runs, choices, args, out)
+        write_table(runs, choices, args, out, store.get("provenance"))
         return
+    # A rerun with the same options continues the saved runs: the sessions before this one keep their blocks.
+    earlier = [*store.get("earlier_provenance", []), *([store["provenance"]] if store.get("provenance") else [])]
 
-    def save() -> None:
+    def save() -> dict[str, Any]:
+        block = prov.finish()
         json_path.write_text(json.dumps({"budget": args.budget, "budgets": BUDGETS, "factors": FACTORS,
-                                         "choices": choices, "runs": runs}, indent=1) + "\n")
+                                         "choices": choices, "runs": runs, "provenance": block,
+                                         "earlier_provenance": earlier}, indent=1) + "\n")
+        return block
 
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
@@ -208,10 +214,11 @@ def main() -> None:
                         continue
                     run_method(method, key, chosen)
 
-    write_table(runs, choices, args, out)
+    write_table(runs, choices, args, out, save())
 
 
-def write_table(runs: dict[str, Any], choices: dict[str, dict[str, float]], args, out: Path) -> None:
+def write_table(runs: dict[str, Any], choices: dict[str, dict[str, float]], args, out: Path,
+                block: dict[str, Any] | None = None) -> None:
     md = [f"Test accuracy, mean ± std over seeds {args.seeds}; budget `{args.budget}`"
           + (" (" + "; ".join(f"{d}: {', '.join(o)}" for d, o in BUDGETS[args.budget].items() if o) + ")"
              if any(BUDGETS[args.budget].values()) else " (recipes as shipped)") + ".", "",
@@ -249,6 +256,7 @@ def write_table(runs: dict[str, Any], choices: dict[str, dict[str, float]], args
             grid.append(f"{m} ({', '.join(cells)})")
         if grid:
             md.append(f"Selection runs on {dataset}: " + "; ".join(grid) + ".")
+    md += ["", provenance.markdown(block)]
     (out / "kd_methods.md").write_text("\n".join(md) + "\n")
     print("\n" + "\n".join(md))
 

@@ -8,7 +8,7 @@ agreement, the arena (allocator total, smallest arena that loads, what the firmw
 ``edgekd/runtimes/boards.json`` it fits, Vela's Ethos-U55 estimate when ethos-u-vela is installed, and the
 seconds the MCU export took.
 
-Writes ``benchmarks/results/mcu_footprint.json`` and prints a summary.
+Writes ``benchmarks/results/mcu_footprint.{json,md}`` and prints a summary.
 
 Usage: python benchmarks/mcu_footprint.py [--run exported/mnist] [--io int8|uint8] [--out benchmarks/results]
 """
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekd import provenance
 from edgekd.export.mcu import export_mcu
 from edgekd.runtimes.boards import board_fit
 
@@ -37,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io", default="int8", choices=["int8", "uint8"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
+    prov = provenance.start(threads=1)  # TFLM is single-threaded
     run = Path(args.run)
     meta = json.loads((run / "metadata.json").read_text())
     int8 = [e for e in meta["models"] if e["file"].endswith("_int8.tflite") and e["model"] != "teacher"
@@ -62,21 +62,25 @@ def main(argv: list[str] | None = None) -> int:
         "boards_fit": [b["name"] for b in board_fit(m["flash_bytes"], m["ram_bytes"]) if b["fits"]],
         "boards_too_small": [b["name"] for b in board_fit(m["flash_bytes"], m["ram_bytes"]) if not b["fits"]],
         "ethos_u_estimate": m.get("ethos_u_estimate"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "loadavg_1m": os.getloadavg()[0]},
+        "provenance": prov.finish(),
     }
+    lines = [f"{result['mcu_file']} (from `{run.name}/{result['int8_file']}`): {result['flash_bytes']} B flash "
+             f"(int8 file {result['int8_bytes']} B), arena {result['arena_min_bytes']} B measured, "
+             f"{result['arena_firmware_bytes']} B reserved; TFLM {result['tflm_accuracy']:.4f} = LiteRT "
+             f"{result['litert_accuracy']:.4f} on {result['n_eval']} samples (agreement "
+             f"{result['tflm_litert_agreement']:.4f}); MCU export {seconds:.1f} s.",
+             "Fits: " + ", ".join(result["boards_fit"]) + "."]
+    if result["ethos_u_estimate"]:
+        e = result["ethos_u_estimate"]
+        lines.append(f"Ethos-U55 (Vela estimate): {e.get('cycles')} cycles, {e.get('inference_ms')} ms, "
+                     f"{e.get('sram_kb')} KB SRAM.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mcu_footprint.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{result['mcu_file']}: {result['flash_bytes']} B flash (int8 file {result['int8_bytes']} B), "
-          f"arena {result['arena_min_bytes']} B measured, {result['arena_firmware_bytes']} B reserved; "
-          f"TFLM {result['tflm_accuracy']:.4f} = LiteRT {result['litert_accuracy']:.4f} on {result['n_eval']} "
-          f"samples (agreement {result['tflm_litert_agreement']:.4f}); MCU export {seconds:.1f} s")
-    print("fits: " + ", ".join(result["boards_fit"]))
-    if result["ethos_u_estimate"]:
-        e = result["ethos_u_estimate"]
-        print(f"Ethos-U55 (Vela estimate): {e.get('cycles')} cycles, {e.get('inference_ms')} ms, "
-              f"{e.get('sram_kb')} KB SRAM")
-    print(f"wrote {out / 'mcu_footprint.json'}")
+    (out / "mcu_footprint.md").write_text("# MCU footprint\n\n" + "\n\n".join(lines) + "\n\n"
+                                          + provenance.markdown(result["provenance"]))
+    print("\n".join(lines))
+    print(f"wrote {out / 'mcu_footprint.json'} and {out / 'mcu_footprint.md'}")
     return 0
 
 

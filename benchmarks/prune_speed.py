@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from edgekd import provenance
 from edgekd.models import count_macs_params, create_model
-from edgekd.prune import measure_latency, prune_model
+from edgekd.models.pruning import measure_latency, prune_model
 from edgekd.recipe import PruneConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,7 +117,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"PyTorch {meta['torch']} CPU eager and ONNX Runtime (CPU EP), batch 1, {meta['threads']} thread(s), "
         f"median of {meta['runs']} runs, variants of each model timed side by side (interleaved rounds), best "
-        f"median of {meta['repeats']} repeats. Machine: {meta['machine']}, shared with other jobs. "
+        f"median of {meta['repeats']} repeats. Machine: {meta['machine']} (its load: see Provenance). "
         "`efficiency` = speedup / MAC reduction (1.0 = latency falls as fast as MACs).",
         "",
         "| model | ratio | MACs | MAC reduction | params reduction | PyTorch ms | speedup | efficiency "
@@ -169,6 +170,7 @@ def main() -> None:
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime columns")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    prov = provenance.start(threads=args.threads)
 
     models = MODELS[:2] if args.quick else MODELS
     runs = 60 if args.quick else args.runs
@@ -190,8 +192,10 @@ def main() -> None:
             "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out / "prune_speed.md").write_text(markdown(rows, meta))
+    block = prov.finish()
+    (out / "prune_speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "provenance": block}, indent=2)
+                                          + "\n")
+    (out / "prune_speed.md").write_text(markdown(rows, meta) + "\n" + provenance.markdown(block))
     figure(rows, out / "prune_speed.png")
     print(f"results: {out / 'prune_speed.md'}, {out / 'prune_speed.json'}, {out / 'prune_speed.png'}")
 

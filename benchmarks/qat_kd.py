@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgekd import provenance
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -139,6 +141,9 @@ def markdown(summary: list[dict], setups: dict) -> str:
     for model, meta in setups.items():
         lines.append(f"\n{model}: {meta['setup']}. Machine: {meta['machine']}; load average before / after: "
                      f"{meta['load_before']} / {meta['load_after']}.")
+    # Models may come from separate invocations: one provenance section per command.
+    blocks = {m["provenance"]["command"]: m["provenance"] for m in setups.values() if m.get("provenance")}
+    lines += ["\n" + provenance.markdown(b) for b in blocks.values()]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +165,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["student", "mobilenetv2"])
     ap.add_argument("--tag", default="", help="appended to the model names (a second setting of the same model)")
     args = ap.parse_args()
+    prov = provenance.start()
     run = Path(args.teacher_run)
     recipe = validate_recipe(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
     data = load_data(recipe.data.model_copy(update={"limit": args.limit}), recipe.seed)
@@ -182,7 +188,7 @@ def main() -> None:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch {torch.__version__}",
             "load_before": [round(v, 1) for v in load_before], "load_after": [round(v, 1) for v in os.getloadavg()],
-            "args": vars(args)}
+            "args": vars(args), "provenance": prov.finish()}
     RESULTS.mkdir(exist_ok=True)
     # Models are measured in separate invocations on a shared machine: keep the other models' rows and setups.
     path = RESULTS / "qat_kd.json"
@@ -191,7 +197,8 @@ def main() -> None:
     rows = [r for r in old["rows"] if r["model"] not in done] + rows
     setups = {**old.get("setups", {}), **{m: meta for m in done}}
     summary = summarize(rows)
-    path.write_text(json.dumps({"setups": setups, "rows": rows, "summary": summary}, indent=2))
+    path.write_text(json.dumps({"setups": setups, "rows": rows, "summary": summary,
+                                "provenance": meta["provenance"]}, indent=2))
     text = markdown(summary, setups)
     (RESULTS / "qat_kd.md").write_text(text)
     print(text)

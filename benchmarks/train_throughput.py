@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgekd import provenance
+
 RESULTS = Path(__file__).parent / "results"
 TEACHER = ("resnet", {"width": 16})
 STUDENT = ("mobilenetv2", {"width_mult": 0.5})
@@ -229,6 +231,7 @@ def main() -> None:
     ap.add_argument("--channels-last-check", action="store_true", help="also time edgekd with channels_last on (first size, npz)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    prov = provenance.start(threads=args.threads)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
@@ -246,10 +249,13 @@ def main() -> None:
                 rows.append(measure("npz", npz, size, args, device, work, channels_last=True))
                 print(json.dumps(rows[-1]), flush=True)
     meta["load_after"] = load_avg()
+    block = prov.finish()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (args.out / "train_throughput.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    (args.out / "train_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows, "provenance": block},
+                                                               indent=2) + "\n")
+    text = markdown(rows, meta) + "\n" + provenance.markdown(block)
+    (args.out / "train_throughput.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError, RunDirError
+from edgekd.provenance import cpu_model
 from edgekd.recipe import ValidateConfig
 from edgekd.results import REPORT_JSON, BenchReport, BenchRow, BenchSkip, ValidationResult, candidates
 from edgekd.run_dir import RunDir, read_eval, write_json_atomic
@@ -65,15 +65,7 @@ def machine_info() -> dict[str, Any]:
             versions[name] = get_runtime(name).version()
         except Exception:  # a runtime that is not installed simply has no version
             versions[name] = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "cpu_model": cpu, "cores": os.cpu_count(), "os": platform.platform(),
+    return {"machine": platform.machine(), "cpu_model": cpu_model(), "cores": os.cpu_count(), "os": platform.platform(),
             "python": platform.python_version(), "runtimes": versions}
 
 
@@ -178,8 +170,32 @@ def run_bench(rd: RunDir, threads: list[int] | str = (1,), runs: int | None = 20
         reasons = "; ".join(f"{s.file} ({s.runtime}): {s.reason}" for s in report.skipped[:3])
         raise RunDirError(f"no model of {rd.path} could be measured: {reasons}")
     report.machine = machine_info()
+    profiles = _operator_profiles(rd, targets)
+    if profiles:
+        report.extra["operator_timings"] = profiles
     _record(rd, report)
     return report
+
+
+def _operator_profiles(rd: RunDir, targets: list[ModelTarget]) -> dict[str, dict[str, Any]]:
+    """Per-operator timings of every file whose runtime can trace its operators (ExecuTorch's ETDump)."""
+    import numpy as np
+
+    from edgekd.runtimes import get_runtime
+
+    profiles: dict[str, dict[str, Any]] = {}
+    x = None
+    for t in targets:
+        cls = get_runtime(t.runtime)
+        if t.file in profiles or not cls.available():
+            continue
+        if x is None:
+            with np.load(rd / "eval.npz") as ev:
+                x = np.asarray(ev["x"][:1], np.float32)
+        prof = cls.operator_profile(rd / t.file, t.entry, x)
+        if prof is not None:
+            profiles[t.file] = {**prof, "runtime": t.runtime}
+    return profiles
 
 
 def quick_latency(rd: RunDir, validation: ValidationResult, threads: int = 1, runs: int = 50,

@@ -13,7 +13,6 @@ Run as a script: ``python -m edgekd.bundle RUN_DIR [OUT_DIR]`` prints the bundle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from edgekd.errors import ArtifactChanged, RunDirError
+from edgekd.run_dir import sha256_file
 
 
 class BundleError(RunDirError, ValueError):
@@ -78,21 +78,22 @@ batch-1 latency (p50/p90/p99/mean ms); models the runtime cannot run are listed 
 `*_app_*.tflite` files load unchanged in MediaPipe's `ImageClassifier` (Android, iOS, Python) and the TFLite
 Task Library: RGB pixels in, labels and normalization in the file's metadata. `.onnx` files carry their labels
 and normalization in `metadata_props`; `.ort` files (if exported with `--ort`) are for ONNX Runtime Mobile.
-See "Use it in an app" in edgekd's README for the code.
+See docs/app.md in the edgekd repository for the code.
 
 ## Android
 
 Use `device_tests/android/run_android.sh` from the edgekd repository with this folder: it pushes the
 .tflite files with adb and times them with TensorFlow Lite's `benchmark_model` binary.
+
+## ExecuTorch (.pte files)
+
+`*.pte` files are ExecuTorch programs lowered to the XNNPACK delegate (CPU, float32 input in the layout and
+normalization `metadata.json` gives, float32 logits out; int8 files quantize inside the delegate). On Android,
+add `org.pytorch:executorch-android` and run `Module.load(path).forward(EValue.from(tensor))`; on iOS, add the
+`executorch` and `backend_xnnpack` Swift packages and run the `forward` method of an `ExecuTorchModule`.
+On a Linux board with Python: `pip install executorch`, then
+`executorch.runtime.Runtime.get().load_program("student_fp32.pte").load_method("forward").execute((x,))`.
 """
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _onnx_external_files(model_path: Path) -> list[str]:
@@ -118,6 +119,15 @@ def _onnx_external_files(model_path: Path) -> list[str]:
     return locations
 
 
+def _companions(entry: dict) -> list:
+    """Run-relative files a model file needs beside it, as its backend recorded them: ``companions``, and in
+    runs written before that key the MCU file's ``mcu.firmware`` and the .ort files' ``ort_config``."""
+    if isinstance(entry.get("companions"), list):
+        return list(entry["companions"])
+    out = list(entry["mcu"].get("firmware", [])) if isinstance(entry.get("mcu"), dict) else []
+    return out + ([entry["ort_config"]] if isinstance(entry.get("ort_config"), str) else [])
+
+
 def _files_to_copy(run_dir: Path, meta: dict) -> list[str]:
     """Every file the bundle needs, relative to the run directory, checked against the metadata."""
     models = meta.get("models")
@@ -134,19 +144,14 @@ def _files_to_copy(run_dir: Path, meta: dict) -> list[str]:
             missing.append(rel)
             continue
         sha = entry.get("sha256")
-        if sha and _sha256(path) != sha:
+        if sha and sha256_file(path) != sha:
             raise BundleFileChanged(f"{path} differs from the sha256 in metadata.json: it was changed or damaged",
                                     "export the run again", files=[rel])
         files.append(rel)
-        # An MCU file's firmware sources (mcu/ in the run) travel with it.
-        firmware = entry.get("mcu", {}).get("firmware", []) if isinstance(entry.get("mcu"), dict) else []
-        for fw in firmware:
-            if not isinstance(fw, str) or Path(fw).is_absolute() or ".." in Path(fw).parts:
-                raise BundleError(f"metadata.json has an invalid firmware file for {rel}: {fw!r}")
-            (files if (run_dir / fw).is_file() else missing).append(fw)
-        config = entry.get("ort_config") if isinstance(entry, dict) else None
-        if isinstance(config, str) and Path(config).name == config and (run_dir / config).is_file():
-            files.append(config)  # required_operators.config: what a reduced ONNX Runtime Mobile build needs
+        for extra in _companions(entry):  # files that travel with the model (firmware sources, operator lists)
+            if not isinstance(extra, str) or not extra or Path(extra).is_absolute() or ".." in Path(extra).parts:
+                raise BundleError(f"metadata.json has an invalid companion file for {rel}: {extra!r}")
+            (files if (run_dir / extra).is_file() else missing).append(extra)
         if path.suffix.lower() == ".onnx":
             for data_rel in _onnx_external_files(path):
                 data_path = path.parent / data_rel

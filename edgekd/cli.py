@@ -17,7 +17,8 @@ import click
 from edgekd import __version__
 from edgekd.errors import EdgeKDError
 from edgekd.options import (allow_pickle_option, device_files_option, out_option, quiet_option, recipe_options,
-                            resume_option, run_dir_options, runtime_option, seed_option, set_option, setup_logging)
+                            resume_option, run_dir_options, runtime_option, seed_option, set_option, setup_logging,
+                            verbose_option)
 
 
 # OSErrors that mean "this output location cannot be written", reported as bad input (exit code 2). ENOTDIR and
@@ -234,7 +235,8 @@ def _export_section(run: str | None, out: str, overrides: tuple[str, ...], comma
               help="Also write <model>_mcu.tflite and the firmware sources in RUN/mcu/ for TensorFlow Lite Micro "
                    "(made from the int8 TFLite file: implies --tflite).")
 @click.option("--format", "format_names", multiple=True, metavar="NAME",
-              help="Write this format, any registered export backend (repeatable; --onnx = --format onnx).")
+              help="Write this format, any registered export backend: onnx, tflite, tflite_app, mcu, ort, pte... "
+                   "(repeatable; --onnx = --format onnx).")
 @click.option("--quantize", "quantize", default=None, metavar="LIST",
               help="Quantized student files to add: fp16,int8,dynamic or none (default: the recipe's, else int8).")
 @click.option("--nhwc", is_flag=True, default=None, help="TFLite files take channels-last (NHWC) input.")
@@ -246,7 +248,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
                overrides: tuple[str, ...], quiet: bool, onnx_: bool, tflite_: bool, mcu_: bool,
                format_names: tuple[str, ...], quantize: str | None, nhwc: bool | None, no_teacher: bool,
                app: bool | None, ort: bool | None) -> None:
-    """Export the best student (pruned if present) and the teacher to ONNX/TFLite, quantize and verify.
+    """Export the best student (pruned if present) and the teacher with each backend (ONNX, TFLite, .pte...), verify.
 
     Every file is run in its own runtime on the run's test split: fp32 files must match PyTorch within
     export.tolerance.fp32_rel, quantized files within min_agreement / max_accuracy_drop (exit 1 otherwise).
@@ -255,7 +257,8 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
     from edgekd.export import run_export, summary_table
 
     rd, cfg = _export_section(run, out, overrides, "export")
-    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_ or mcu_), ("mcu", mcu_)) if on] + list(format_names)
+    # --mcu brings tflite in as its source (the export's plan adds what a backend is made from).
+    formats = [f for f, on in (("onnx", onnx_), ("tflite", tflite_), ("mcu", mcu_)) if on] + list(format_names)
     formats = list(dict.fromkeys(formats)) or None
     report = run_export(rd, out, formats=formats, quantize=quantize, nhwc=nhwc or None, int8_io=int8_io,
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
@@ -275,7 +278,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
               help="An exported fp32 file to quantize (repeatable; default: every fp32 student file).")
 @click.option("--qat", is_flag=True,
               help="Quantization-aware distillation instead: fine-tune the student with int8 fake quantization "
-                   "and the KD loss, write STUDENT_int8_qat.onnx/.tflite (--set keys then name the `qat` section).")
+                   "and the KD loss, write STUDENT_int8_qat.onnx/.tflite/.pte (--set keys then name the `qat` section).")
 @click.option("--resume", is_flag=True, help="--qat: continue from the last finished QAT epoch.")
 @click.option("--sensitivity", is_flag=True,
               help="Per layer, on the validation split: accuracy drop and output SNR/cosine vs fp32 with only that "
@@ -401,18 +404,18 @@ def bench_cmd(run: str | None, out: str, threads: str | None, runs: int | None, 
 @run_dir_options
 @device_files_option("Device results JSON (from device_tests/bench.py), merged as extra rows (repeatable).")
 @set_option("validate.max_size_kb=100", "a budget of the run's recipe")
-def report_cmd(run: str | None, out: str, devices: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Write RUN/report.md and a self-contained RUN/report.html (tables and plots)."""
+@verbose_option()
+def report_cmd(run: str | None, out: str, devices: tuple[str, ...], overrides: tuple[str, ...],
+               verbose: bool) -> None:
+    """Write RUN/report.md and a self-contained RUN/report.html (tables and plots); print its summary."""
     from edgekd.report import build_report
     from edgekd.run_dir import resolve_run
+    from edgekd.summary import report_block
 
     rd = resolve_run(run, out)
     rep = build_report(rd, list(devices), budgets=_budgets(rd, overrides, "report"))
-    rec, speed = rep.summary.recommended, rep.summary.speedup
-    if rec:
-        click.echo(f"recommended: {rec.file} ({rec.runtime})")
-    if speed:
-        click.echo(f"speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x")
+    for line in report_block(rep.lines, rep.notes, verbose):
+        click.echo(line)
     click.echo(f"report: {rep.html}  (and {rep.markdown})")
 
 
@@ -422,9 +425,10 @@ def report_cmd(run: str | None, out: str, devices: tuple[str, ...], overrides: t
 @click.option("--force", is_flag=True, help="Run every stage again, in a new run directory.")
 @device_files_option()
 @quiet_option()
+@verbose_option()
 @allow_pickle_option
 def run_cmd(recipe: str | None, out: str, name: str | None, seed: int | None, overrides: tuple[str, ...],
-            force: bool, devices: tuple[str, ...], quiet: bool, allow_pickle: bool) -> None:
+            force: bool, devices: tuple[str, ...], quiet: bool, verbose: bool, allow_pickle: bool) -> None:
     """distill → prune → export → validate → bench → report; RECIPE defaults to the built-in mnist recipe.
 
     Skips stages the recipe leaves out and stages the run directory already finished (unless --force), prints
@@ -435,7 +439,7 @@ def run_cmd(recipe: str | None, out: str, name: str | None, seed: int | None, ov
     r = resolve_recipe(recipe, overrides, name=name, seed=seed)
     result = run_pipeline(r, out=out, force=force, devices=list(devices), quiet=quiet, allow_pickle=allow_pickle,
                           raise_on_budget=False)
-    click.echo(run_summary(result))
+    click.echo(run_summary(result, verbose=verbose))
     if result.budgets is not None:
         result.budgets.raise_if_failed()
 

@@ -56,6 +56,11 @@ def quiet_option(help: str = "No progress bars or per-model lines.") -> Callable
     return click.option("-q", "--quiet", is_flag=True, callback=_quiet_callback, help=help)
 
 
+def verbose_option(help: str = "Print every note behind the summary (the report's Notes section) too.") -> Callable[[F], F]:
+    """``-v/--verbose``: the long form of a command's final summary."""
+    return click.option("-v", "--verbose", is_flag=True, help=help)
+
+
 # -- options --------------------------------------------------------------------------------------------------
 
 def out_option(help: str = "Parent directory of run directories.", default: str | None = "exported") -> Callable[[F], F]:

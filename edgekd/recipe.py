@@ -121,6 +121,8 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=0)
     lr: float = Field(2e-3, gt=0)
+    batch_size: Optional[int] = Field(None, gt=0, description="samples per step for this model (default: "
+                                                               "data.batch_size)")
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
@@ -164,6 +166,8 @@ class DistillConfig(TrainConfig):
     loss: dict[str, Any] = Field(default_factory=lambda: {"name": "kd", "temperature": 4.0, "alpha": 0.9},
                                  description="`name` picks a loss from the registry; other keys are its kwargs")
     baseline: bool = Field(True, description="also train the student from scratch for comparison")
+    parallel_baseline: bool = Field(False, description="on a CPU with 2+ threads, train the baseline in a second "
+                                                       "process beside the KD student, each on half the threads")
     cache_teacher: bool = Field(True, description="compute the teacher's logits once (for `teacher_views` "
                                                   "augmented views of each sample when augmenting) and replay them")
     teacher_views: int = Field(8, ge=1, description="with augmentation: distinct augmented views per sample; epoch e "
@@ -211,34 +215,55 @@ class ExportTolerance(_Section):
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
 
 
-class AppConfig(_Section):
-    enabled: Optional[bool] = Field(None, description="app-profile .tflite files (RGB pixels in, metadata, labels); "
-                                                      "default: on for image runs")
-    output: Literal["probabilities", "logits"] = Field("probabilities", description="what app-profile files output")
-    int8_io: str = Field("uint8", description="inputs/outputs of int8 app-profile files: uint8 or float32")
-    labels: Optional[str] = Field(None, description="labels file (one per line) for the app files' metadata; "
-                                                    "default: the run's labels")
+# Flat export keys of earlier recipes and where each now lives: export.<backend>.<key>.
+_LEGACY_EXPORT_KEYS = {"nhwc": ("tflite", "nhwc"), "int8_io": ("tflite", "int8_io"),
+                       "calibration_method": ("onnx", "calibration_method"), "mcu_io": ("mcu", "io")}
 
 
 class ExportConfig(_Section):
+    """The export: which backends, which precisions, how to verify; each backend's own settings sit in a
+    section named after it (``export.tflite.int8_io``, ``export.mcu.io``, ``export.tflite_app.output``...),
+    checked by the export against that backend's settings model (this module does not know the backends)."""
+
     formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite"],
-                               description="onnx, tflite, mcu (TensorFlow Lite Micro, from the int8 TFLite file) or any registered export backend (checked by the export)")
+                               description="export backends by name: onnx, tflite, tflite_app, mcu, ort, pte, or any registered (checked by the export)")
     quantize: list[Literal["fp16", "int8", "dynamic"]] = Field(default_factory=lambda: ["int8"])
-    nhwc: bool = False
-    int8_io: Literal["float32", "int8", "uint8"] = "float32"
-    mcu_io: Literal["int8", "uint8"] = Field("int8", description="inputs/outputs of the MCU file")
     calibration_samples: int = Field(256, gt=0)
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     teacher: bool = Field(True, description="also export the teacher (fp32) for comparison")
     tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
-    app: AppConfig = Field(default_factory=AppConfig)
-    ort: bool = Field(False, description="also write .ort files (ONNX Runtime Mobile) + required_operators.config")
     max_drop: Optional[float] = Field(None, ge=0, le=100,
                                       description="accuracy budget in percentage points: also write <model>_mixed "
-                                                  ".tflite/.onnx, the most int8-sensitive layers kept float until the "
-                                                  "validation accuracy is within it of the fp32 file's")
+                                                  ".tflite/.onnx (route `mixed` of the tflite and onnx backends), the "
+                                                  "most int8-sensitive layers kept float until the validation "
+                                                  "accuracy is within it of the fp32 file's")
     sensitivity_samples: int = Field(1000, gt=0, description="validation samples the per-layer sensitivity and the "
                                                              "mixed-precision search run on")
+
+    # Backend sections are extra keys; a scalar there is a typo of a key above (refused below).
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        """Flat keys of earlier recipes (``int8_io``, ``nhwc``, ``mcu_io``, ``calibration_method``, ``app``,
+        ``ort``) go to their backend's section; a flat key given with a section is applied over it."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, (backend, name) in _LEGACY_EXPORT_KEYS.items():
+            if key in data:
+                value = data.pop(key)
+                section = dict(data.get(backend) or {})
+                if value is not None:
+                    section[name] = value
+                data[backend] = section
+        if isinstance(data.get("app"), dict):  # the app profile's section was `app`
+            data["tflite_app"] = {**dict(data.get("tflite_app") or {}), **data.pop("app")}
+        if isinstance(data.get("ort"), bool):  # `ort: true` asked for .ort files beside the .onnx ones
+            wanted = data.pop("ort")
+            formats = [str(f).strip().lower() for f in (data.get("formats") or ["onnx", "tflite"])]
+            data["formats"] = [f for f in formats if f != "ort"] + (["ort"] if wanted else [])
+        return data
 
     @field_validator("formats")
     @classmethod
@@ -249,6 +274,29 @@ class ExportConfig(_Section):
         if any(not n for n in names):
             raise ValueError("an export format name is empty")
         return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _sections_are_mappings(self) -> "ExportConfig":
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                valid = sorted(type(self).model_fields)
+                close = difflib.get_close_matches(key, valid + list(_LEGACY_EXPORT_KEYS), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+                raise ValueError(f"unknown key {key!r} (a backend's settings are a section, "
+                                 f"e.g. export.tflite.int8_io); {hint}")
+        return self
+
+    def backend_sections(self) -> dict[str, dict[str, Any]]:
+        """``{backend name: its settings as given}`` for every ``export.<name>`` section."""
+        return {k: dict(v) for k, v in (self.model_extra or {}).items()}
+
+    def with_section(self, backend: str, **values: Any) -> "ExportConfig":
+        """A copy with ``values`` set in ``export.<backend>`` (None values leave the setting as it is)."""
+        data = self.model_dump()
+        section = dict(data.get(backend) or {})
+        section.update({k: v for k, v in values.items() if v is not None})
+        data[backend] = section
+        return ExportConfig.model_validate(data)
 
 
 class ValidateConfig(_Section):
@@ -326,6 +374,20 @@ class Recipe(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what is saved as ``recipe.yaml``)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=False)
+
+
+# Keys that change how a run uses the machine, not what it computes: a run continued or matched with another
+# value of them is the same experiment.
+EXECUTION_KEYS = (("distill", "parallel_baseline"), ("data", "workers"))
+
+
+def without_execution_keys(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict (``Recipe.to_dict()``) without :data:`EXECUTION_KEYS`, for comparing experiments."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in recipe.items()}
+    for section, key in EXECUTION_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
 
 
 # -- loading --------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 Reads ``metrics.json``, ``history.csv``, ``validate.json`` (accuracy per file and runtime), ``report.json``
 (latency rows from ``edgekd bench``) and any device result files (``device_tests/bench.py`` or the Android
-``benchmark_model`` parser), and writes tables, plain statements (recommended file, speedup over the PyTorch
-teacher, whether int8 is actually faster here) and three plots: training curves, accuracy vs latency with the
-Pareto front, and file sizes. The HTML embeds its plots as base64 PNGs, so the one file can be mailed or
-attached to a CI job; the Markdown links the same PNGs in ``report_plots/``.
+``benchmark_model`` parser), and writes a summary of at most 8 lines (the recommended file and the rule that chose
+it; the chain's verdict, teacher → scratch → KD student → pruned → shipped file; speed and size against the
+teacher; budgets), one matrix answering "is lower precision faster here?", tables, three plots (training curves,
+accuracy vs latency with the Pareto front, file sizes) and the notes behind the summary. The HTML embeds its
+plots as base64 PNGs, so the one file can be mailed or attached to a CI job; the Markdown links the same PNGs in
+``report_plots/``. ``edgekd run`` and ``edgekd report`` print the same summary (the notes with ``-v``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ STAGE = "report"
 PLOTS_DIR = "report_plots"
 _PRECISION_NAMES = {"int8": "static int8", "dynamic": "dynamic-range int8", "fp16": "fp16", "fp32": "fp32",
                     "mixed": "mixed int8/float"}
-_RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "litert": "LiteRT"}
+_RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "litert": "LiteRT", "executorch": "ExecuTorch",
+                  "tflm": "TFLM", "mediapipe": "MediaPipe"}
 
 
 # -- inputs -----------------------------------------------------------------------------------------------
@@ -136,14 +139,22 @@ def best_per_file(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def quantization_findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each non-fp32 file against the fp32 file of the same model, format, runtime, thread count and batch."""
-    fp32 = {(r["source_model"], r["format"], r["runtime"], r["threads"], r.get("batch")): r
+    """Each non-fp32 file against the fp32 file of its family (:func:`file_family`), same runtime, threads, batch.
+
+    The reference is the fp32 file of the same family and format (``student_pruned_app_int8.tflite`` against
+    ``student_pruned_app_fp32.tflite``, never the research file); a file whose family has no fp32 file of its
+    own (an MCU file) is compared with the fp32 file its model's name gives (``student_pruned_fp32``).
+    """
+    fp32 = {(file_family(r["file"]), r["format"], r["runtime"], r["threads"], r.get("batch")): r
             for r in rows if r.get("precision") == "fp32" and r["format"] != "pt"}
     out = []
     for r in rows:
         if r.get("precision") in (None, "fp32") or r["format"] == "pt":
             continue
-        ref = fp32.get((r["source_model"], r["format"], r["runtime"], r["threads"], r.get("batch")))
+        where = (r["format"], r["runtime"], r["threads"], r.get("batch"))
+        family = file_family(r["file"])
+        ref = fp32.get((family, *where)) or fp32.get((family.removesuffix("_qat"), *where)) \
+            or fp32.get((r["source_model"], *where))
         if ref is None:
             continue
         ratio = r["p50_ms"] / ref["p50_ms"]
@@ -184,6 +195,9 @@ def speedup_summary(bench_rows: list[dict[str, Any]], recommended: dict[str, Any
            "teacher_threads": t["threads"], "speedup": t["p50_ms"] / recommended["p50_ms"],
            "accuracy": recommended["test_accuracy"], "teacher_accuracy": teacher_accuracy}
     out["accuracy_ratio"] = (recommended["test_accuracy"] / teacher_accuracy) if teacher_accuracy else None
+    if t.get("size_bytes") and recommended.get("size_bytes"):
+        out.update(size_bytes=recommended["size_bytes"], teacher_size_bytes=t["size_bytes"],
+                   size_ratio=t["size_bytes"] / recommended["size_bytes"])
     student = [r for r in bench_rows if r["file"] == "student.pt" and r["runtime"] == "torch"
                and r["threads"] == recommended["threads"] and r.get("batch") == recommended.get("batch")]
     if student:
@@ -466,10 +480,15 @@ def _md_to_html_inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;
-color:#222}table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;
-padding:3px 7px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:1em auto;max-width:1200px;padding:0 1em;
+color:#222;font-size:14px;line-height:1.35}h1{font-size:1.35em;margin:.2em 0 .4em}h2{font-size:1.1em;margin:1.1em 0 .3em}
+table{border-collapse:collapse;font-size:13px;margin:.4em 0 1em}th,td{border:1px solid #ccc;
+padding:2px 7px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 code{background:#f4f4f4;padding:0 3px}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+ul.summary{margin:.2em 0;padding-left:1.2em}ul.summary li{margin:.15em 0}
+table.matrix th,table.matrix td{white-space:nowrap}table.matrix th[colspan]{text-align:center}table.matrix td:nth-child(2),table.matrix th:nth-child(2){text-align:left}table.matrix td.faster{background:#d8f0d8;color:#08660d;font-weight:600}
+table.matrix td.slower{background:#fbe3e3}table.matrix td.none{color:#aaa;text-align:center}
+.legend,.setup{color:#555;font-size:12px;margin:.2em 0}
 .fail{color:#b00020}.ok{color:#08660d}.scroll{overflow-x:auto}"""
 
 
@@ -495,9 +514,9 @@ class Analysis:
     mixed_files: list[dict[str, Any]] = field(default_factory=list)  # metadata.json entries of mixed files
 
     def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
-        """Every table of the report: accuracy, latency, devices, microcontrollers, then int8 sensitivity."""
+        """Every table of the report: accuracy, latency, devices, microcontrollers, operators, int8 sensitivity."""
         return (_tables(self.validation, self.bench, self.device_rows, self.metrics) + mcu_tables(self.mcu_files)
-                + sensitivity_section(self))
+                + operator_tables(self.bench.get("operator_timings") or {}) + sensitivity_section(self))
 
 
 def _speed_of(bench_rows: list[dict[str, Any]], rec: Recommendation, teacher_acc: float | None
@@ -543,6 +562,24 @@ def analyse(rd: RunDir, device_rows: list[dict[str, Any]], budgets: ValidateConf
                     mcu_files=_mcu_entries(rd), **_sensitivity_inputs(rd))
 
 
+def operator_tables(profiles: dict[str, dict[str, Any]], top: int = 10) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The slowest operators of each profiled file (bench's ``operator_timings``: any runtime that profiles)."""
+    out = []
+    for file, prof in sorted(profiles.items()):
+        where = _RUNTIME_NAMES.get(prof.get("runtime", ""), prof.get("runtime", ""))
+        if not prof.get("available"):
+            out.append((f"Per-operator timings of {file} ({where}): not available", ["reason"],
+                        [[str(prof.get("reason", "unknown"))]]))
+            continue
+        ops = sorted(prof.get("operators", []), key=lambda o: -o["median_ms"])[:top]
+        total = prof.get("execute_ms") or sum(o["median_ms"] for o in prof.get("operators", [])) or 1.0
+        rows = [[o["name"], o.get("delegate") or "-", f"{1000 * o['median_ms']:.1f}",
+                 f"{100 * o['median_ms'] / total:.0f}%"] for o in ops]
+        out.append((f"Per-operator timings of {file} ({where}, median of {prof.get('runs')} runs, slowest first)",
+                    ["operator", "delegate", "median us", "share of execute"], rows))
+    return out
+
+
 def _mcu_entries(rd: RunDir) -> list[dict[str, Any]]:
     """metadata.json entries of the run's MCU files (with their flash, arena and TFLM figures)."""
     path = rd / "metadata.json"
@@ -576,9 +613,12 @@ def plot_sensitivity(a: "Analysis") -> bytes | None:
     return None if fig is None else _png(fig)
 
 
-# -- the summary sentences (Markdown; the HTML renders the same text) -------------------------------------
+# -- the summary: at most 8 lines (Markdown; the HTML and the console print the same text) -----------------
 
-def _recommendation_lines(rec: Recommendation) -> list[str]:
+SUMMARY_MAX_LINES = 8
+
+
+def _recommendation_line(rec: Recommendation) -> list[str]:
     r = rec.recommended
     if r is None:
         return [f"**No student variant qualifies for a recommendation** (rule: {rec.rule})."] if rec.candidates else []
@@ -588,73 +628,219 @@ def _recommendation_lines(rec: Recommendation) -> list[str]:
             f"{r.test_accuracy:.4f}; {r.size_bytes / 1024:.1f} KB). Rule: {rec.rule}."]
 
 
-def _speedup_lines(speed: dict[str, Any] | None, has_bench: bool) -> list[str]:
+def chain_steps(metrics: dict[str, Any], rec: Recommendation) -> list[tuple[str, float]]:
+    """Test accuracy along the chain teacher → scratch → KD student → pruned → shipped file (the steps the run has).
+
+    The pruned step is shown when the shipped (recommended) file was made from the pruned student, or when
+    nothing was recommended; the shipped file's accuracy is the one measured in its runtime.
+    """
+    def acc(role: str) -> float | None:
+        m = metrics.get(role)
+        return m.get("test_accuracy") if isinstance(m, dict) else None
+
+    shipped = rec.recommended
+    steps = [("teacher", acc("teacher")), ("scratch", acc("baseline")), ("KD student", acc("student"))]
+    if shipped is None or shipped.source_model == "student_pruned":
+        steps.append(("pruned", acc("student_pruned")))
+    if shipped is not None:
+        steps.append((f"shipped `{shipped.file}`", shipped.test_accuracy))
+    return [(label, a) for label, a in steps if isinstance(a, (int, float))]
+
+
+def _points(a: float, b: float) -> str:
+    return f"{100 * (a - b):+.2f}"
+
+
+def _chain_line(metrics: dict[str, Any], rec: Recommendation) -> list[str]:
+    """The chain's verdict in one line: accuracy and points won or lost at each step, the shipped file vs scratch."""
+    steps = chain_steps(metrics, rec)
+    if len(steps) < 2:
+        return []
+    parts = [f"{steps[0][0]} {steps[0][1]:.4f}"]
+    parts += [f"{label} {a:.4f} ({_points(a, prev)})" for (label, a), (_, prev) in zip(steps[1:], steps)]
+    line = "**Chain** (test accuracy, points vs the step before): " + " → ".join(parts) + "."
+    named = dict(steps)
+    last_label, last = steps[-1]
+    if last_label.startswith("shipped") and "scratch" in named:
+        line += f" **Shipped file vs scratch: {_points(last, named['scratch'])} points**"
+        line += f"; vs teacher {_points(last, named['teacher'])}." if "teacher" in named else "."
+    return [line]
+
+
+def _busy_note(bench: dict[str, Any]) -> str:
+    """A caution for the speed line when the bench ran with more load than the machine has cores ("" otherwise)."""
+    loads = [r["loadavg_1m"] for r in bench.get("rows", []) if isinstance(r.get("loadavg_1m"), (int, float))]
+    cores = (bench.get("machine") or {}).get("cores") or 0
+    if loads and cores and max(loads) > cores:
+        return f" (bench at load {max(loads):.0f} on {cores} cores: noisy latencies)"
+    return ""
+
+
+def _speed_size_line(speed: dict[str, Any] | None, has_bench: bool, busy: str = "") -> list[str]:
     if speed is None:
         if has_bench:
             return ["Speedup over the teacher: not measured (the bench has no PyTorch teacher row or no "
                     "recommended file)."]
         return ["No latency measured yet: run `edgekd bench` for latency, throughput and memory."]
     ok_speed, ok_acc = speed["speedup"] >= 10, (speed["accuracy_ratio"] or 0) >= 0.97
-    acc_txt = (f"accuracy {speed['accuracy']:.4f} vs the teacher's {speed['teacher_accuracy']:.4f} "
-               f"({100 * speed['accuracy_ratio']:.1f}% of it)" if speed["accuracy_ratio"] else "")
-    who = "" if speed.get("qualifies", True) else " (fastest student variant, not recommended: it misses the rule above)"
-    line = (f"**Speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x**{who} at batch {speed['batch']} — "
-            f"`{speed['file']}` ({_RUNTIME_NAMES.get(speed['runtime'], speed['runtime'])}) p50 "
-            f"{speed['p50_ms']:.4f} ms vs teacher.pt (PyTorch) {speed['teacher_p50_ms']:.4f} ms at "
-            f"{speed['teacher_threads']} thread(s); {acc_txt}. Target ≥ 10x with ≥ 97% of the teacher's "
-            f"accuracy: **{'met' if ok_speed and ok_acc else 'not met'}**.")
-    if speed.get("speedup_vs_torch_student"):
-        line += f" Against the PyTorch fp32 student: {speed['speedup_vs_torch_student']:.1f}x."
+    who = "" if speed.get("qualifies", True) else " (fastest student variant, not recommended: it misses the rule)"
+    size = (f"; **{speed['size_ratio']:.0f}x smaller** ({speed['size_bytes'] / 1024:.1f} KB vs "
+            f"{speed['teacher_size_bytes'] / 1024:.1f} KB)" if speed.get("size_ratio") else "")
+    n = speed["teacher_threads"]
+    line = (f"**Speedup over the PyTorch fp32 teacher: {speed['speedup']:.1f}x**{who}{size}; p50 "
+            f"{speed['p50_ms']:.4f} ms vs {speed['teacher_p50_ms']:.4f} ms at {n} thread{'s' if n != 1 else ''}, "
+            f"batch {speed['batch']}{busy}")
     if speed.get("speedup_vs_teacher_exported"):
-        rt = speed["teacher_exported_runtime"]
-        line += (f" Against the teacher's own fastest export (`{speed['teacher_exported_file']}`, "
-                 f"{_RUNTIME_NAMES.get(rt, rt)}, {speed['teacher_exported_p50_ms']:.4f} ms): "
-                 f"{speed['speedup_vs_teacher_exported']:.1f}x.")
-    return [line]
+        line += (f"; {speed['speedup_vs_teacher_exported']:.1f}x vs the teacher's fastest export "
+                 f"`{speed['teacher_exported_file']}`")
+    if speed["accuracy_ratio"]:
+        line += f"; {100 * speed['accuracy_ratio']:.1f}% of its accuracy"
+    return [line + f". Target ≥ 10x with ≥ 97% of the teacher's accuracy: **{'met' if ok_speed and ok_acc else 'not met'}**."]
 
 
-def _quantization_lines(quant: list[dict[str, Any]]) -> list[str]:
-    slower = [f for f in quant if not f["faster"]]
-    lines = []
-    if slower:
-        lines.append(f"**Quantization is not always faster here**: {len(slower)} of {len(quant)} reduced-precision "
-                     "measurements were not faster than fp32 in the same runtime and thread count.")
-    return lines + [_quant_sentence(f) for f in quant]
-
-
-def _distill_lines(m: dict[str, Any]) -> list[str]:
-    if not all(k in m for k in ("teacher", "baseline", "student")):
+def _precision_line(quant: list[dict[str, Any]]) -> list[str]:
+    if not quant:
         return []
-    gain = m["student"]["test_accuracy"] - m["baseline"]["test_accuracy"]
-    return [f"Distillation: KD student {m['student']['test_accuracy']:.4f} vs the same architecture trained "
-            f"from scratch {m['baseline']['test_accuracy']:.4f} ({100 * gain:+.2f} points); teacher "
-            f"{m['teacher']['test_accuracy']:.4f} (PyTorch, test split)."]
+    faster = [f for f in quant if f["faster"]]
+    if not faster:
+        return [f"**Lower precision is not faster than fp32 here**: none of {len(quant)} measurements (matrix below)."]
+    where = sorted({f"{_PRECISION_NAMES.get(f['precision'], f['precision'])} in "
+                    f"{_RUNTIME_NAMES.get(f['runtime'], f['runtime'])}" for f in faster})
+    return [f"**Lower precision is faster than fp32 in {len(faster)} of {len(quant)} measurements** "
+            f"({', '.join(where)}; matrix below)."]
 
 
 def _budget_lines(check: BudgetCheck) -> list[str]:
     if not check.any_set:
         return ["Budgets: none set (add `max_accuracy_drop`, `max_p50_ms`, `max_size_kb`, `max_flash_kb`, "
-                "`max_ram_kb` to the recipe's "
-                "`validate` section to gate on them)."]
+                "`max_ram_kb` to the recipe's `validate` section to gate on them)."]
     named = ", ".join(f"{k} = {v:g}" for k, v in check.budgets.items() if v is not None)
     if check.ok:
         return [f"Budgets ({named}; scope {check.scope}): **passed**."]
     return [f"Budgets ({named}; scope {check.scope}): **FAILED** — " + "; ".join(check.failures)]
 
 
-def _skipped_lines(a: Analysis) -> list[str]:
-    lines = []
-    for s in a.bench["skipped"] + a.validation["skipped"]:
-        threads = f", {s['threads']} threads" if "threads" in s else ""
-        lines.append(f"Not measured: `{s['file']}` ({s['runtime']}{threads}): {s['reason']}")
-    return lines
+def _skipped(a: Analysis) -> list[dict[str, Any]]:
+    return a.bench["skipped"] + a.validation["skipped"]
 
 
 def summary_lines(a: Analysis) -> list[str]:
-    """The report's summary, one Markdown sentence per finding."""
-    return (_recommendation_lines(a.recommendation) + _speedup_lines(a.speed, bool(a.bench["rows"]))
-            + _quantization_lines(a.quant) + _distill_lines(a.metrics) + _budget_lines(a.check)
-            + _skipped_lines(a))
+    """The report's summary: at most :data:`SUMMARY_MAX_LINES` Markdown lines (details go to :func:`notes`)."""
+    lines = (_recommendation_line(a.recommendation) + _chain_line(a.metrics, a.recommendation)
+             + _speed_size_line(a.speed, bool(a.bench["rows"]), _busy_note(a.bench)) + _precision_line(a.quant)
+             + _budget_lines(a.check))
+    skipped = _skipped(a)
+    if skipped:
+        lines.append(f"Not measured: {len(skipped)} file/runtime combination(s); the notes at the end say why.")
+    return lines[:SUMMARY_MAX_LINES]
+
+
+def notes(a: Analysis) -> list[str]:
+    """The long form behind the summary: every lower-precision measurement in words, other comparisons, gaps."""
+    out = [_quant_sentence(f) for f in a.quant]
+    if a.speed and a.speed.get("speedup_vs_torch_student"):
+        out.append(f"`{a.speed['file']}` against the PyTorch fp32 student at the same thread count: "
+                   f"{a.speed['speedup_vs_torch_student']:.1f}x faster.")
+    for s in _skipped(a):
+        threads = f", {s['threads']} threads" if "threads" in s else ""
+        out.append(f"Not measured: `{s['file']}` ({s['runtime']}{threads}): {s['reason']}")
+    return out
+
+
+# -- "is lower precision faster here?": one matrix -----------------------------------------------------------
+
+def file_family(file: str) -> str:
+    """A file's name without its precision, route and extension: the files compared with one another.
+
+    ``student_pruned_app_int8.tflite`` and ``student_pruned_app_fp32.onnx`` are family ``student_pruned_app``;
+    ``student_pruned_int8_qat.tflite`` is ``student_pruned_qat`` (compared with ``student_pruned_fp32``).
+    """
+    stem = Path(file).stem
+    return "_".join(p for p in stem.split("_") if p not in _PRECISION_NAMES) or stem
+
+
+def _matrix_columns(quant: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    order = list(_RUNTIME_NAMES)
+    return sorted({(f["runtime"], f["threads"]) for f in quant},
+                  key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[0], c[1]))
+
+
+def precision_matrix(quant: list[dict[str, Any]]) -> tuple[list[tuple[str, int]], list[list[Any]]]:
+    """Lower precision against fp32 as one matrix: rows precision (and file family), columns runtime × threads.
+
+    Args:
+        quant: :func:`quantization_findings` of the run.
+
+    Returns:
+        The columns as ``(runtime, threads)``, and one row per (precision, family): ``[precision name, family,
+        cell, ...]`` where a cell is the finding (its ``ratio`` is the p50 over the fp32 file's) or None where
+        nothing was measured.
+    """
+    cols = _matrix_columns(quant)
+    prec_order = ["fp16", "dynamic", "int8"]
+    keys = sorted({(f["precision"], file_family(f["file"])) for f in quant},
+                  key=lambda k: (prec_order.index(k[0]) if k[0] in prec_order else len(prec_order), k[0], k[1]))
+    rows = []
+    for prec, fam in keys:
+        cells: dict[tuple[str, int], dict[str, Any]] = {}
+        for f in quant:
+            if (f["precision"], file_family(f["file"])) == (prec, fam):
+                # Two formats of a family in one runtime (.onnx and .ort): the faster file speaks for it.
+                key = (f["runtime"], f["threads"])
+                if key not in cells or f["ratio"] < cells[key]["ratio"]:
+                    cells[key] = f
+        rows.append([_PRECISION_NAMES.get(prec, prec), fam, *(cells.get(c) for c in cols)])
+    return cols, rows
+
+
+def _threads_name(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
+def _cell_text(f: dict[str, Any] | None) -> str:
+    return "·" if f is None else f"{f['ratio']:.2f}×"
+
+
+MATRIX_TITLE = "Is lower precision faster here?"
+MATRIX_LEGEND = ("Each cell: p50 latency of the file ÷ p50 of the fp32 file of the same family, in the same runtime at "
+                 "the same thread count, on this machine; below 1 is faster, ✓ marks faster by more than 5%")
+
+
+def matrix_markdown(quant: list[dict[str, Any]], level: str = "##") -> list[str]:
+    """The precision matrix as Markdown: a heading (``level``), the table, its legend (nothing without findings)."""
+    cols, rows = precision_matrix(quant)
+    if not rows:
+        return []
+    headers = ["precision", "files"] + [f"{_RUNTIME_NAMES.get(rt, rt)}, {_threads_name(n)}" for rt, n in cols]
+    cells = [[r[0], f"`{r[1]}`", *(f"**{_cell_text(c)}** ✓" if c and c["faster"] else _cell_text(c)
+                                   for c in r[2:])] for r in rows]
+    return [f"{level} {MATRIX_TITLE}", "", _md_table(headers, cells), "", MATRIX_LEGEND + " (and bold).", ""]
+
+
+def _matrix_html(quant: list[dict[str, Any]]) -> list[str]:
+    cols, rows = precision_matrix(quant)
+    if not rows:
+        return []
+    # Two header rows: each runtime over its thread counts (narrow enough for a laptop screen).
+    runtimes = list(dict.fromkeys(rt for rt, _ in cols))
+    h = [f"<h2>{html.escape(MATRIX_TITLE)}</h2><div class='scroll'><table class='matrix' id='precision-matrix'>"
+         "<tr><th rowspan='2'>precision</th><th rowspan='2'>files</th>"
+         + "".join(f"<th colspan='{sum(c[0] == rt for c in cols)}'>{html.escape(_RUNTIME_NAMES.get(rt, rt))}</th>"
+                   for rt in runtimes) + "</tr><tr>"
+         + "".join(f"<th>{_threads_name(n)}</th>" for _, n in cols) + "</tr>"]
+    for r in rows:
+        tds = [f"<td>{html.escape(r[0])}</td>", f"<td><code>{html.escape(r[1])}</code></td>"]
+        for c in r[2:]:
+            if c is None:
+                tds.append("<td class='none'>·</td>")
+                continue
+            cls = "faster" if c["faster"] else "slower" if c["ratio"] >= 1.05 else "same"
+            title = f"{c['file']}: {c['p50_ms']:.4f} ms vs {c['reference']}: {c['reference_p50_ms']:.4f} ms"
+            tds.append(f"<td class='{cls}' title='{html.escape(title)}'>{_cell_text(c)}"
+                       f"{' ✓' if c['faster'] else ''}</td>")
+        h.append("<tr>" + "".join(tds) + "</tr>")
+    h.append(f"</table></div><p class='legend'>{html.escape(MATRIX_LEGEND)} (green; red: slower by 5% or more).</p>")
+    return h
 
 
 def setup_line(bench: dict[str, Any]) -> str:
@@ -692,31 +878,37 @@ def make_plots(rd: RunDir, a: Analysis) -> Plots:
 
 
 def render_markdown(a: Analysis, lines: list[str], plots: Plots, plot_files: dict[str, str]) -> str:
-    """``report.md``: summary, tables, and links to the PNGs in ``report_plots/``."""
+    """``report.md``: summary, the precision matrix, tables, links to the PNGs in ``report_plots/``, notes."""
     setup = setup_line(a.bench)
-    md = [f"# edgekd report: {a.name}", ""] + ([setup, ""] if setup else [])
-    md += ["## Summary", ""] + [f"- {line}" for line in lines] + [""]
+    md = [f"# edgekd report: {a.name}", "", "## Summary", ""] + [f"- {line}" for line in lines] + [""]
+    md += matrix_markdown(a.quant) + ([setup, ""] if setup else [])
     for title, headers, rows in a.tables():
         md += [f"## {title}", "", _md_table(headers, rows), ""]
     md += ["## Plots", ""]
     for key, (title, png) in plots.items():
         if png is not None:
             md += [f"### {title}", "", f"![{title}]({plot_files[key]})", ""]
+    details = notes(a)
+    if details:
+        md += ["## Notes", ""] + [f"- {line}" for line in details] + [""]
     return "\n".join(md)
 
 
 def render_html(a: Analysis, lines: list[str], plots: Plots) -> str:
     """``report.html``: the same content, self-contained (plots embedded as base64 PNGs)."""
     setup = setup_line(a.bench)
-    h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>edgekd report: {html.escape(a.name)}</title>",
-         f"<style>{_CSS}</style></head><body>", f"<h1>edgekd report: {html.escape(a.name)}</h1>"]
-    if setup:
-        h.append(f"<p>{html.escape(setup)}</p>")
-    h.append("<h2>Summary</h2><ul>")
+    h = ["<!doctype html><html><head><meta charset='utf-8'>",
+         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+         f"<title>edgekd report: {html.escape(a.name)}</title>",
+         f"<style>{_CSS}</style></head><body>", f"<h1>edgekd report: {html.escape(a.name)}</h1>",
+         "<ul class='summary' id='summary'>"]
     for line in lines:
         cls = " class='fail'" if "FAILED" in line else ""
         h.append(f"<li{cls}>{_md_to_html_inline(line)}</li>")
     h.append("</ul>")
+    h += _matrix_html(a.quant)
+    if setup:
+        h.append(f"<p class='setup'>{html.escape(setup)}</p>")
     for title, headers, rows in a.tables():
         # Wide tables scroll inside their own box instead of widening the page.
         h.append(f"<h2>{html.escape(title)}</h2><div class='scroll'><table><tr>"
@@ -729,6 +921,10 @@ def render_html(a: Analysis, lines: list[str], plots: Plots) -> str:
             data = base64.b64encode(png).decode("ascii")
             h.append(f"<h3>{html.escape(title)}</h3><img id='plot-{key}' alt='{html.escape(title)}' "
                      f"src='data:image/png;base64,{data}'>")
+    details = notes(a)
+    if details:
+        h.append(f"<details id='notes'><summary>Notes ({len(details)})</summary><ul>"
+                 + "".join(f"<li>{_md_to_html_inline(line)}</li>" for line in details) + "</ul></details>")
     h.append("</body></html>")
     return "\n".join(h)
 
@@ -779,4 +975,5 @@ def build_report(rd: RunDir, device_files: list[str | Path] = (), budgets: Valid
     rd.record_artifacts("report.md", "report.html", *plot_files.values())
     rd.stage_done(STAGE, artifacts=["report.md", "report.html", *plot_files.values()],
                   devices=[str(f) for f in device_files])
-    return ReportResult(markdown=rd / "report.md", html=rd / "report.html", summary=summary)
+    return ReportResult(markdown=rd / "report.md", html=rd / "report.html", summary=summary, lines=lines,
+                        notes=notes(a))

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 from edgekd.errors import CheckFailed
 from edgekd.recipe import ValidateConfig
-from edgekd.run_dir import RunDir, read_rows_report
+from edgekd.run_dir import PRUNED_STUDENT, RunDir, read_rows_report
 
 VALIDATE_JSON = "validate.json"
 REPORT_JSON = "report.json"
@@ -253,18 +253,39 @@ class DistillResult(Record):
 
 @dataclass
 class PruneResult(Record):
-    """``metrics.json["student_pruned"]``: accuracy, MACs and params of the pruned student."""
+    """What pruning did: returned by :func:`edgekd.models.pruning.prune_model` (counts, ratio, step log) and read
+    back from ``metrics.json["student_pruned"]`` (:meth:`read`; accuracy, latency... in ``extra``)."""
 
     test_accuracy: float | None = None
     ratio: float | None = None
-    mac_reduction: float | None = None
     params: int | None = None
     macs: int | None = None
+    params_before: int | None = None
+    macs_before: int | None = None
+    protected: list[str] = field(default_factory=list)
+    step_log: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        """One row per pruning step (what each step left, and its fine-tuning figures)."""
+        return self.step_log
+
+    @property
+    def mac_reduction(self) -> float | None:
+        if self.macs_before is None or self.macs is None:
+            return self.extra.get("mac_reduction")
+        return self.macs_before / max(self.macs, 1)
+
+    @property
+    def param_reduction(self) -> float | None:
+        if self.params_before is None or self.params is None:
+            return self.extra.get("param_reduction")
+        return self.params_before / max(self.params, 1)
 
     @classmethod
     def read(cls, rd: RunDir) -> PruneResult | None:
-        entry = rd.metrics().get("student_pruned")
+        entry = rd.metrics().get(PRUNED_STUDENT)
         return cls.from_json(entry) if isinstance(entry, dict) else None
 
 
@@ -528,3 +549,5 @@ class ReportResult:
     markdown: Path
     html: Path
     summary: ReportSummary
+    lines: list[str] = field(default_factory=list)  # the report's summary (Markdown), at most 8 lines
+    notes: list[str] = field(default_factory=list)  # the long form behind it (Markdown)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError, RecipeError, RunDirError
-from edgekd.recipe import Recipe, ValidateConfig, load_recipe, save_recipe
+from edgekd.recipe import Recipe, ValidateConfig, load_recipe, save_recipe, without_execution_keys
 from edgekd.results import (BudgetCheck, DistillResult, PruneResult, ReportResult, ValidationResult,
                             check_budgets)
 from edgekd.run_dir import MANIFEST, RunDir
@@ -36,7 +36,7 @@ _LATER_SECTIONS = ("prune", "export", "qat", "validate", "bench")
 
 def _section_sha(recipe: Recipe, stage: str) -> str:
     """A fingerprint of what a stage reads from the recipe (the whole distill part for distill)."""
-    d = recipe.to_dict()
+    d = without_execution_keys(recipe.to_dict())
     if stage == "distill":
         part = {k: v for k, v in d.items() if k not in (*_LATER_SECTIONS, "name")}
     elif stage == "validate":
@@ -148,7 +148,9 @@ def _check_early(recipe: Recipe, devices: list[str | Path]) -> None:
     if recipe.export is not None:
         from edgekd.export import check_formats
 
-        check_formats(list(recipe.export.formats))  # an unknown format name, with the closest one as hint
+        # An unknown format (closest name as hint), a missing source (mcu without int8), a bad export.<name>
+        # section, or a backend whose library is not installed (pte without ExecuTorch).
+        check_formats(list(recipe.export.formats), recipe.export)
     if recipe.bench is not None:
         try:
             parse_threads(recipe.bench.threads)
@@ -260,28 +262,16 @@ def run_pipeline(recipe: Recipe, out: str | Path = "exported", force: bool = Fal
     return result
 
 
-def run_summary(result: PipelineResult) -> str:
-    """The lines ``edgekd run`` ends with: what ran, the recommended file, the speedup, the report's path."""
-    rep = result.report.summary
+def run_summary(result: PipelineResult, verbose: bool = False) -> str:
+    """The lines ``edgekd run`` ends with: what ran, the report's summary (its notes too with ``verbose``), where it is."""
+    from edgekd.summary import report_block
+
     lines = [f"stages run: {', '.join(result.ran) or 'none'}"]
     if result.skipped:
         lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()))
     lines += [f"warning: {w}" for w in result.warnings]
-    rec = rep.recommended
-    if rec:
-        lat = f", p50 {rec.p50_ms:.4f} ms at {rec.threads} thread(s)" if rec.p50_ms is not None else ""
-        lines.append(f"recommended: {Path(result.run_dir) / rec.file} ({rec.runtime}{lat}, "
-                     f"accuracy {rec.test_accuracy:.4f}, {rec.size_kb:.1f} KB)")
-    else:
-        lines.append(f"recommended: none (no student variant qualifies: {rep.rule or 'see the report'})")
-    sp = rep.speedup
-    if sp:
-        who = "" if sp.get("qualifies", True) else f" (fastest student variant {sp['file']}, not recommended)"
-        lines.append(f"speedup over the PyTorch fp32 teacher at batch {sp['batch']}: {sp['speedup']:.1f}x "
-                     f"({100 * (sp['accuracy_ratio'] or 0):.1f}% of its accuracy){who}")
-    for q in (q for q in rep.quantization if not q["faster"]):
-        lines.append(f"note: {q['file']} is not faster than {q['reference']} here "
-                     f"({q['ratio']:.2f}x the fp32 p50, {q['runtime']}, {q['threads']} thread(s))")
+    lines.append(f"run: {result.run_dir}")
+    lines += report_block(result.report.lines, result.report.notes, verbose)
     lines.append(f"report: {result.report.html}  (and {result.report.markdown})")
     return "\n".join(lines)
 

@@ -20,6 +20,8 @@ from edgekd.errors import ArtifactChanged, RunDirError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
+# The pruned student's name: its checkpoint (``student_pruned.pt``), its metrics.json key, its files' stem.
+PRUNED_STUDENT = "student_pruned"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -317,7 +319,7 @@ def _writer(name: str) -> str:
     base = Path(name).name
     if base == "metadata.json" or base.endswith((".onnx", ".tflite", ".onnx.data")):
         return "edgekd export"
-    if base.startswith("student_pruned"):
+    if base.startswith(PRUNED_STUDENT):
         return "edgekd prune"
     if base == "validate.json":
         return "edgekd validate"

@@ -46,3 +46,18 @@ def distill_summary(rd: RunDir) -> str:
         extra.append(f"KD vs scratch: {100 * gain:+.2f} points{closed}")
     extra.append(f"run directory: {rd.path}")
     return "\n" + text + "\n" + "\n".join(extra)
+
+
+def plain(markdown: str) -> str:
+    """A line of the report's Markdown as console text: without the ``**`` and backticks."""
+    return markdown.replace("**", "").replace("`", "")
+
+
+def report_block(lines: list[str], notes: list[str], verbose: bool = False) -> list[str]:
+    """The report's summary as console lines; the notes behind it with ``verbose``, else how many there are."""
+    out = [plain(line) for line in lines]
+    if verbose:
+        out += [f"note: {plain(n)}" for n in notes]
+    elif notes:
+        out.append(f"({len(notes)} more note(s) in the report's Notes, or with -v)")
+    return out

@@ -74,6 +74,21 @@ def tiny_run(tmp_path_factory) -> Path:
     return run_distill(recipe, out=root / "exported", quiet=True).path
 
 
+@pytest.fixture(scope="session")
+def trained_run(tiny_run, tmp_path_factory) -> Path:
+    """A run whose student is trained long enough to have clear top-1 margins (the tiny run's 3-epoch
+    width-2 student is barely above chance, so int8 agreement on it measures noise). Shared by the export tests."""
+    from edgekd.distill import run_distill
+    from edgekd.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("export-run")
+    teacher = dict(TINY_RECIPE["teacher"], checkpoint=str(tiny_run / "teacher.pt"))
+    recipe = write_recipe(root / "r.yaml", name="trained", teacher=teacher,
+                          student={"model": "cnn", "kwargs": {"width": 6, "depth": 2}},
+                          distill={"epochs": 15, "lr": 0.02, "baseline": False})
+    return run_distill(load_recipe(recipe), out=root / "exported", quiet=True).path
+
+
 @contextlib.contextmanager
 def ctrl_c_after(role: str, epoch: int):
     """Press Ctrl-C (raise KeyboardInterrupt) right after ``epoch`` (1-based) of the model trained as ``role``.

@@ -149,10 +149,9 @@ def test_app_profile_for_a_run_without_images_is_refused(tmp_path):
     assert not list(rd.path.glob("*.tflite"))
 
 
-# -- README "Use it in an app" ------------------------------------------------------------------------------
+# -- docs/app.md "Use it in an app" (the README points to it) ----------------------------------------------
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
-APP_SECTION = README.split("## Use it in an app", 1)[1].split("\n## ", 1)[0]
+APP_SECTION = (Path(__file__).parents[1] / "docs" / "app.md").read_text()
 DEMO_RECIPE = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mnist.yaml").read_text())
 
 
@@ -200,7 +199,7 @@ def test_python_app_snippets_run_on_an_exported_run(app_run, tmp_path, monkeypat
     for code in _snippets("python"):
         code = code.replace("student_pruned", "student").replace("(28, 28)", "(8, 8)")
         printed: list[str] = []
-        exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
+        exec(compile(code, "docs/app.md", "exec"), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
         assert printed and printed[0].split()[0] in labels, printed
 
 

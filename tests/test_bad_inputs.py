@@ -27,7 +27,7 @@ from edgekd.cli import cli
 from conftest import TINY_RECIPE, write_recipe
 from test_validate import exported_tiny_run
 
-MODEL_SUFFIXES = (".pt", ".onnx", ".tflite", ".safetensors")
+MODEL_SUFFIXES = (".pt", ".onnx", ".tflite", ".pte", ".safetensors")
 
 
 @dataclass
@@ -233,6 +233,18 @@ ROWS: list[tuple[str, Setup, int, str]] = [
     ("export: truncated student.pt", on_run(["export", "-q"], _damage("student.pt")), 1,
      "student.pt changed since it was written"),
     ("export: unknown precision", on_run(["export", "--quantize", "int4"]), 2, "unknown precision 'int4'"),
+    ("export: unknown format name", on_run(["export", "--format", "ptee"]), 2,
+     "unknown format 'ptee' (did you mean 'pte'?)"),
+    ("export: unknown key in a backend's section", on_run(["export", "--set", "export.pte.threads=2"]), 2,
+     "unknown key 'export.pte.threads'"),
+    ("export: mcu without int8", on_run(["export", "--mcu", "--quantize", "fp16"]), 2,
+     "the MCU target needs the static int8 TFLite file"),
+    ("run: a format whose source is missing, before any training",
+     plain("run", "digits", "--out", "{tmp}/out", "-q", "--set", "export.formats=[mcu]",
+           "--set", "export.quantize=[fp16]"), 2, "the MCU target needs the static int8 TFLite file"),
+    ("run: a section of an unknown backend, before any training",
+     plain("run", "digits", "--out", "{tmp}/out", "-q", "--set", "export.tflte.nhwc=true"), 2,
+     "unknown format 'tflte' (did you mean 'tflite'?)"),
     ("quantize: nothing exported yet", on_run(["quantize", "--precision", "int8"]), 2, "run `edgekd export` first"),
     ("quantize: truncated fp32 onnx", on_run(["quantize", "--precision", "dynamic", "--file", "student_fp32.onnx"],
                                              _damage("student_fp32.onnx"), exported=True), 1,
@@ -386,6 +398,14 @@ def test_tampered_file_without_a_record_is_not_flagged(tiny_run: Path, tmp_path:
     (run / "history.csv").write_text("edited\n")
     res = CliRunner().invoke(cli, ["validate", "--run", str(run), "-q", "--runtime", "torch"])
     assert res.exit_code == 0, res.output
+    # Not flagged: no error or warning line, nothing about the edited file or about changed files ...
+    assert not [ln for ln in res.output.splitlines() if ln.lower().startswith(("error", "warning"))], res.output
+    assert "history.csv" not in res.output and "changed since" not in res.output, res.output
+    # ... the check ran to its end and recorded every model it validated, and the edit was left alone.
+    assert "recommended: " in res.output
+    rows = json.loads((run / "validate.json").read_text())["rows"]
+    assert {row["file"] for row in rows} == {"teacher.pt", "baseline.pt", "student.pt"}, rows
+    assert (run / "history.csv").read_text() == "edited\n"
 
 
 def test_environment_errors_are_one_line_and_bugs_say_so():

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,25 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=True)
 
 
-def test_help_is_fast_and_does_not_import_torch():
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", "import sys; from edgekd.cli import main; sys.argv=['edgekd','--help'];\n"
-                          "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"],
-                         capture_output=True, text=True, check=True)
-    assert time.perf_counter() - t0 < 5
-    assert "distill" in out.stdout and out.stdout.strip().endswith("False")
+HELP_PROBE = """
+import sys
+before = set(sys.modules)
+from edgekd.cli import main
+sys.argv = ["edgekd", "--help"]
+try:
+    main()
+except SystemExit:
+    pass
+print(sorted({m.split(".")[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)))
+"""
+
+
+def test_help_imports_only_click_and_edgekd():
+    """``edgekd --help`` stays quick because it imports no heavy library (torch alone takes seconds to import):
+    the packages it loads beyond the standard library are counted, not timed."""
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, check=True)
+    assert "distill" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "['click', 'edgekd']"
 
 
 def test_distill_end_to_end_on_tiny_recipe(tmp_path, tiny_recipe):

@@ -100,21 +100,6 @@ def test_unconvertible_operator_is_named_and_other_formats_still_export(tmp_path
 # -- end to end on a run directory ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_run, tmp_path_factory) -> Path:
-    """A run whose student is trained long enough to have clear top-1 margins (the tiny run's 3-epoch
-    width-2 student is barely above chance, so int8 agreement on it measures noise)."""
-    from edgekd.distill import run_distill
-    from edgekd.recipe import load_recipe
-
-    root = tmp_path_factory.mktemp("export-run")
-    teacher = dict(TINY_RECIPE["teacher"], checkpoint=str(tiny_run / "teacher.pt"))
-    recipe = write_recipe(root / "r.yaml", name="trained", teacher=teacher,
-                          student={"model": "cnn", "kwargs": {"width": 6, "depth": 2}},
-                          distill={"epochs": 15, "lr": 0.02, "baseline": False})
-    return run_distill(load_recipe(recipe), out=root / "exported", quiet=True).path
-
-
-@pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     """The trained run exported with `edgekd export --quantize int8` (both formats, teacher too)."""
     run = tmp_path_factory.mktemp("exported") / "run"

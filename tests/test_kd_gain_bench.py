@@ -1,7 +1,11 @@
-"""benchmarks/kd_gain.py's recipe handling (the benchmark itself trains for minutes; its figures are in benchmarks/results)."""
+"""benchmarks/kd_gain.py: its recipe handling and its table maths (the benchmark itself trains for minutes; its
+figures are in benchmarks/results)."""
 import argparse
 import importlib.util
+import math
 from pathlib import Path
+
+import pytest
 
 _spec = importlib.util.spec_from_file_location("kd_gain", Path(__file__).parents[1] / "benchmarks" / "kd_gain.py")
 kd_gain = importlib.util.module_from_spec(_spec)
@@ -29,3 +33,37 @@ def test_table_header_names_the_seed_runs_threads():
     assert kd_gain._threads(rows, {"threads": 1}) == "1"
     assert kd_gain._threads(rows, {"threads": 2}) == "1 in the seed runs, 2 in the epoch-cost comparison"
     assert kd_gain._threads([{}], {"threads": 2}) == "2"  # results saved before rows kept their threads
+
+
+def _row(seed, teacher, baseline, student, epoch_ratio=1.0):
+    return {"seed": seed, "teacher": teacher, "baseline": baseline, "student": student, "epoch_ratio": epoch_ratio,
+            "gap_closed": kd_gain.gap_closed(teacher, baseline, student)}
+
+
+def test_table_maths_against_hand_computed_rows():
+    rows = [_row(0, 0.99, 0.97, 0.98, 1.0), _row(1, 0.98, 0.96, 0.975, 1.1), _row(2, 0.99, 0.95, 0.98, 1.2)]
+    # Per seed: the KD student closes (S - B) / (T - B) of the gap: 0.01/0.02, 0.015/0.02, 0.03/0.04.
+    assert [r["gap_closed"] for r in rows] == pytest.approx([0.5, 0.75, 0.75])
+    s = kd_gain.summarize(rows)
+    assert s["teacher"][0] == pytest.approx(0.986667, abs=1e-6) and s["teacher"][1] == pytest.approx(0.005774, abs=1e-6)
+    assert s["baseline"] == pytest.approx((0.96, 0.01))
+    assert s["student"][0] == pytest.approx(0.978333, abs=1e-6) and s["student"][1] == pytest.approx(0.002887, abs=1e-6)
+    assert s["epoch_ratio"] == pytest.approx((1.1, 0.1))
+    # Of the means: (0.978333 - 0.96) / (0.986667 - 0.96) = 0.018333 / 0.026667; per seed: (0.5 + 0.75 + 0.75) / 3.
+    assert s["gap_closed_of_means"] == pytest.approx(0.6875)
+    assert s["gap_closed_per_seed_mean"] == pytest.approx(2 / 3)
+    # Leads in points 1.0, 1.5, 3.0: mean 1.8333, sample std 1.040833, standard error 0.600925; the 95% interval
+    # is the mean ± t(0.975, 2 dof) = 4.302653 (from a t table) times the standard error: ± 2.585572.
+    lead = s["lead_points"]
+    assert lead["per_seed"] == pytest.approx([1.0, 1.5, 3.0]) and lead["wins"] == 3
+    assert lead["mean"] == pytest.approx(1.833333, abs=1e-6)
+    assert lead["ci95"] == pytest.approx([1.833333 - 2.585572, 1.833333 + 2.585572], abs=1e-5)
+
+
+def test_gap_closed_and_interval_edge_cases():
+    assert math.isnan(kd_gain.gap_closed(0.95, 0.96, 0.97))  # the teacher is not ahead: no gap to close
+    assert kd_gain.gap_closed(0.99, 0.97, 0.96) == pytest.approx(-0.5)  # KD behind scratch: negative
+    mean, low, high = kd_gain.mean_interval([2.0])
+    assert mean == 2.0 and math.isnan(low) and math.isnan(high)  # one seed has no interval
+    mean, low, high = kd_gain.mean_interval([1.0, 3.0], level=0.9)  # t(0.95, 1 dof) = 6.313752, std error 1
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - 6.313752, 2.0 + 6.313752), abs=1e-5)

@@ -297,6 +297,20 @@ def test_report_shows_flash_ram_and_boards(mcu_run, tmp_path):
         assert f"| {m['ethos_u_estimate']['cycles']} |" in md
 
 
+def test_validate_runs_the_mcu_file_in_tflm_too(mcu_run, tmp_path):
+    """TFLM is a registered runtime: validate fans the MCU file out to it (and only that file) beside LiteRT."""
+    run = tmp_path / "run"
+    shutil.copytree(mcu_run, run)
+    res = _cli("validate", "--run", str(run), "-q", "--runtime", "tflm,litert")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((run / "validate.json").read_text())["rows"]
+    assert {r["file"] for r in rows if r["runtime"] == "tflm"} == {"student_mcu.tflite"}
+    tflm = next(r for r in rows if r["runtime"] == "tflm")
+    mcu = next(e for e in json.loads((run / "metadata.json").read_text())["models"] if e["file"] == "student_mcu.tflite")
+    assert mcu["backend"] == "mcu" and tflm["test_accuracy"] == mcu["mcu"]["tflm_accuracy"]
+    assert {r["runtime"] for r in rows if r["file"] == "student_mcu.tflite"} == {"tflm", "litert"}
+
+
 def test_bundle_carries_the_firmware(mcu_run, tmp_path):
     from edgekd.bundle import make_bundle
 

@@ -52,7 +52,11 @@ def test_qat_int8_files_agree_with_the_fake_quantized_model(tiny_run, tmp_path):
     import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
 
-    from edgekd.export.qat import ROUTE_QAT_ONNX, ROUTE_QAT_TFLITE, write_qat_onnx, write_qat_tflite
+    # The QAT routes are the onnx and tflite backends' own (the qat module names no format).
+    from edgekd.export.onnx import ROUTE_QAT as ROUTE_QAT_ONNX
+    from edgekd.export.onnx import write_qat_onnx
+    from edgekd.export.tflite import ROUTE_QAT as ROUTE_QAT_TFLITE
+    from edgekd.export.tflite import write_qat_tflite
     from edgekd.quant import convert_qat
     from edgekd.quant.qat import top1
 
@@ -208,11 +212,13 @@ def test_qat_formats_skip_what_qat_cannot_write_and_refuse_it_when_asked():
     from edgekd.errors import ExportError
     from edgekd.export.qat import qat_formats
 
+    # The formats QAT writes are the backends that have a qat route (onnx, tflite, pte), not a fixed list.
     said = []
     assert qat_formats(None, ["onnx", "tflite", "mcu"], said.append) == ["onnx", "tflite"]
-    assert said == ["QAT: mcu not written from the QAT student (only onnx, tflite)"]
+    assert said == ["QAT: mcu not written from the QAT student (only onnx, tflite, pte)"]
     assert qat_formats(["tflite"], ["onnx"], said.append) == ["tflite"]
+    assert qat_formats(None, ["pte", "ort"], said.append) == ["pte"]
     with pytest.raises(ExportError, match="QAT cannot write format 'mcu'"):
         qat_formats(["mcu"], ["onnx"], said.append)
-    with pytest.raises(ExportError, match="lists neither"):
+    with pytest.raises(ExportError, match="lists none of them"):
         qat_formats(None, ["mcu"], said.append)

@@ -47,3 +47,40 @@ def test_readme_edgekd_commands_run(tmp_path, monkeypatch):
         ran += 1
     assert ran >= 8
     assert (tmp_path / "exported" / "digits-short" / "report.html").is_file()
+
+
+DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BENCH_README = (ROOT / "benchmarks" / "README.md").read_text()
+
+
+def test_readme_is_short():
+    assert len(README.splitlines()) <= 250
+
+
+def test_benchmarks_readme_has_a_section_per_script_and_only_options_the_script_takes():
+    scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+    assert set(re.findall(r"^## `(\w+\.py)`", BENCH_README, flags=re.M)) == scripts
+    commands = re.findall(r"^\$ .*?python (benchmarks/\w+\.py)(.*)$", BENCH_README, flags=re.M)
+    assert {Path(script).name for script, _ in commands} == scripts
+    for script, args in commands:
+        source = (ROOT / script).read_text()
+        for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", args.split("  #")[0]):
+            assert f'"{flag}"' in source, (script, flag)
+
+
+def _github_anchor(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_point_to_files_and_headings_that_exist(doc):
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path) if path else doc
+        assert dest.exists(), (target, "missing")
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", dest.read_text(), flags=re.S), flags=re.M)
+            assert anchor in {_github_anchor(h) for h in headings}, (target, "no such heading")

@@ -46,7 +46,7 @@ def test_run_chains_every_stage_then_skips_what_is_done(tmp_path: Path):
     meta = json.loads((run / "metadata.json").read_text())
     # An image run: the app-profile file beside the research file, and it is the recommended one.
     assert [e["file"] for e in meta["models"]] == ["student_pruned_app_fp32.tflite", "student_pruned_fp32.tflite"]
-    assert f"recommended: {run / 'student_pruned_app_fp32.tflite'} (" in text
+    assert f"run: {run}\nRecommended file: student_pruned_app_fp32.tflite (" in text
     assert f"report: {run / 'report.html'}" in text
     rows = json.loads((run / "report.json").read_text())["rows"]
     app_rows = {("student_pruned_app_fp32.tflite", "litert")}
@@ -56,14 +56,22 @@ def test_run_chains_every_stage_then_skips_what_is_done(tmp_path: Path):
                                                         ("student_pruned.pt", "torch"),
                                                         ("student_pruned_fp32.tflite", "litert"), *app_rows}
     assert all(r["runs"] == 5 for r in rows)
-    assert "speedup over the PyTorch fp32 teacher at batch 1:" in text
+    # The console ends with the report's summary (plain text, at most 8 lines), then where the report is.
+    summary = json.loads((run / "metrics.json").read_text())["report"]
+    assert f"Speedup over the PyTorch fp32 teacher: {summary['speedup']['speedup']:.1f}x" in text
+    block = text[text.index("Recommended file:"):text.index("report: ")].strip().splitlines()
+    assert len(block) <= 8 and block[1].startswith("Chain (test accuracy, points vs the step before): teacher ")
+    assert "**" not in text and "`" not in text
+    assert "more note(s) in the report's Notes, or with -v" in text and "note: " not in text
     assert "<img id='plot-accuracy_latency'" in (run / "report.html").read_text()
 
-    # Everything is done: only the report is written again.
+    # Everything is done: only the report is written again (-v: with every note behind the summary).
     before = _mtimes(run, "student.pt", "student_pruned.pt", "student_pruned_fp32.tflite", "validate.json",
                      "report.json")
-    code, text = _run(str(recipe), "--out", str(out), "-q")
+    code, text = _run(str(recipe), "--out", str(out), "-q", "-v")
     assert code == 0, text
+    assert "note: student_pruned_app_fp32.tflite against the PyTorch fp32 student" in text
+    assert "more note(s)" not in text and (run / "report.md").read_text().count("\n## Notes\n") == 1
     assert "stages run: report" in text and "distill (already done" in text and "bench (already done)" in text
     assert _mtimes(run, *before) == before
 

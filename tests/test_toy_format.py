@@ -1,4 +1,5 @@
-"""A new export format is one module plus its registration: tests/npzmodel_format.py, and no edit to edgekd.
+"""A new export format is one module plus its registration: tests/npzmodel_format.py, and no edit to edgekd; a
+backend derived from it is one more module (tests/npzz_format.py).
 
 The toy ``.npzmodel`` format (the model's layers and weights, run by a numpy runtime) goes through the real
 stages: ``edgekd export --format npzmodel`` writes and verifies it against PyTorch and describes it in
@@ -16,9 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 import npzmodel_format
+import npzz_format  # noqa: F401  (registers the derived npzz backend and its runtime)
 from edgekd.cli import cli
 from edgekd.errors import EdgeKDError, ExportError
-from edgekd.export import ExportBackend, backend_for, get_backend, list_backends, register_backend
+from edgekd.export import ExportBackend, backend_for, get_backend, list_backends, register_backend, resolve_plan
 from edgekd.runtimes import get_runtime, list_runtimes, runtimes_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,9 +32,9 @@ def test_the_format_is_registered_and_unknown_to_edgekd_itself():
     assert backend_for("x/student_fp32.npzmodel").name == "npzmodel"
     assert [c.name for c in runtimes_for("student_fp32.npzmodel")] == ["numpy-layers"]
     assert "numpy-layers" in list_runtimes() and get_runtime("numpy-layers") is npzmodel_format.NumpyLayersRuntime
-    # The evidence is only worth something if edgekd's own code does not know the format.
+    # The evidence is only worth something if edgekd's own code does not know the formats.
     for path in (REPO / "edgekd").rglob("*.py"):
-        assert "npzmodel" not in path.read_text(), path
+        assert "npzmodel" not in path.read_text() and "npzz" not in path.read_text(), path
 
 
 def test_registry_errors_name_the_closest_choice():
@@ -102,3 +104,30 @@ def test_export_validate_bench_pick_up_the_new_format(toy_run: Path):
     assert report["machine"]["runtimes"]["numpy-layers"] == f"numpy {np.__version__}"
     assert rows["student_fp32.npzmodel"]["test_accuracy"] == next(
         r["test_accuracy"] for r in report["rows"] if r["file"] == "student_fp32.npzmodel")
+
+
+def test_a_derived_backend_is_one_module_too(tiny_run: Path, tmp_path: Path):
+    """`--format npzz` alone: the plan brings its source (npzmodel) in first, derives every .npzz from its
+    .npzmodel, verifies each against PyTorch and records it under its backend's name; validate runs it."""
+    assert [b.name for b in resolve_plan(["npzz"], [])] == ["npzmodel", "npzz"]
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["export", "--run", str(run), "--format", "npzz", "--quantize", "fp16"])
+    assert res.exit_code == 0, res.output
+    made = {p.name for p in [*run.glob("*.npzmodel"), *run.glob("*.npzz")]}
+    assert made == NPZ_FILES | {"student_fp32.npzz", "student_fp16.npzz"}
+    entries = {e["file"]: e for e in json.loads((run / "metadata.json").read_text())["models"]}
+    z = entries["student_fp16.npzz"]
+    assert z["backend"] == "npzz" and z["source"] == "student_fp16.npzmodel" and z["precision"] == "fp16"
+    assert z["verified"] is True and entries["student_fp32.npzmodel"]["backend"] == "npzmodel"
+    assert z["size_bytes"] < entries["student_fp16.npzmodel"]["size_bytes"]  # it really is compressed
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["student_fp32.npzz"]["parity"] < 1e-5 and metrics["student_fp32.npzz"]["backend"] == "npzz"
+    assert metrics["student_fp32.npzz"]["source"] == "student_fp32.npzmodel"
+
+    res = runner.invoke(cli, ["validate", "--run", str(run), "--runtime", "numpy-layers-z", "-q"])
+    assert res.exit_code == 0, res.output
+    rows = {r["file"]: r for r in json.loads((run / "validate.json").read_text())["rows"]}
+    assert set(rows) == {"student_fp32.npzz", "student_fp16.npzz"}
+    assert rows["student_fp32.npzz"]["test_accuracy"] == metrics["student_fp32.npzz"]["test_accuracy"]

@@ -69,7 +69,12 @@ def test_distill_cli_with_one_epoch_of_four_batches(tmp_path):
     res = run_cli("distill", str(recipe_path), "--out", str(tmp_path / "out"), "-q",
                   "--set", f"data.batch_size={batch}")
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "out" / "tiny" / "student.pt").is_file()
+    run = tmp_path / "out" / "tiny"
+    assert (run / "student.pt").is_file()
+    for role in ("teacher", "student"):  # each trained exactly the case of the crash: 4 OneCycle steps in all
+        state = torch.load(run / "checkpoints" / f"{role}.state.pt", weights_only=True)
+        assert state["scheduler"]["_step_count"] == 4 + 1, (role, state["scheduler"])
+        assert [row["epoch"] for row in state["history"]] == [1] and math.isfinite(state["history"][0]["train_loss"])
 
 
 @pytest.mark.parametrize("kind", ["flip", "shift", "strong"])

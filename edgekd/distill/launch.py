@@ -80,9 +80,12 @@ def run_distill_everywhere(recipe, out, device_name: str = "auto", resume: bool 
         The run directory on rank 0, None on other ranks.
     """
     n = parallel.env_world_size()
-    if n > 1 and recipe.data.batch_size % n:  # checked before anything is written (fit checks it again)
-        raise DataError(f"data.batch_size {recipe.data.batch_size} cannot be split over {n} processes",
-                        f"use a batch size divisible by {n} or another --nproc_per_node")
+    sizes = {"data.batch_size": recipe.data.batch_size, "teacher.batch_size": recipe.teacher.batch_size,
+             "distill.batch_size": recipe.distill.batch_size}
+    for key, size in sizes.items():  # checked before anything is written (fit checks it again)
+        if n > 1 and size is not None and size % n:
+            raise DataError(f"{key} {size} cannot be split over {n} processes",
+                            f"use a batch size divisible by {n} or another --nproc_per_node")
     info = parallel.setup(device_name)
     ok = False
     try:

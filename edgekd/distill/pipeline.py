@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from edgekd import losses
+from edgekd.distill import side
 from edgekd.data import DataBundle, load_data
 from edgekd.errors import RecipeError, RunDirError
 from edgekd.models import load_weights, save_checkpoint
-from edgekd.recipe import Recipe, load_recipe, save_recipe
+from edgekd.recipe import Recipe, load_recipe, save_recipe, without_execution_keys
 from edgekd.run_dir import RunDir, atomic_path, write_json_atomic, write_text_atomic
 from edgekd.training import FitConfig, HistoryFile, PeerTeacher, check_strategy, evaluate, fit, generation_roles
 from edgekd.training.features import setup_feature_loss
@@ -44,8 +45,8 @@ def _check_same_recipe(recipe: Recipe, rd: RunDir) -> None:
     saved_path = rd / "recipe.yaml"
     if not saved_path.exists():
         return
-    saved = load_recipe(saved_path).to_dict()
-    now = recipe.to_dict()
+    saved = without_execution_keys(load_recipe(saved_path).to_dict())
+    now = without_execution_keys(recipe.to_dict())
     changed = [k for k in _flat(now) if _flat(now).get(k) != _flat(saved).get(k) and not k.startswith(_LATER_STAGES)]
     if changed:
         raise RecipeError(f"--resume: the recipe differs from the one {rd.path} started with ({', '.join(changed[:3])})",
@@ -177,8 +178,30 @@ class _Distill:
         self.models.update(self.teachers)
         if len(self.teachers) > 1:
             self.ensemble = teacher
+        if side.wanted(self.recipe) and not (self.resume and self.rd.stage_status("baseline") == "done"):
+            self.side_by_side(teacher)
+            return
         self.baseline()
         self.train("student", self.students["student"], self.kd_loss, teacher=teacher)
+
+    def side_by_side(self, teacher: nn.Module) -> None:
+        """The baseline in a second process while this one trains the KD student (see :mod:`.side`)."""
+        process = side.BaselineProcess(self.recipe, self.rd, self.resume, self.allow_pickle)
+        process.start()
+        try:
+            self.train("student", self.students["student"], self.kd_loss, teacher=teacher)
+        except BaseException:
+            process.stop()
+            raise
+        info = process.finish(self.history)
+        model = self.students["baseline"]
+        load_weights(model, self.rd / "baseline.pt")
+        scfg = self.recipe.student
+        self.results = {**{k: v for k, v in self.results.items() if k != "student"},
+                        "baseline": {**info, **describe_model(model, self.data, scfg.model)},
+                        "student": self.results["student"]}
+        self.models = {**{k: v for k, v in self.models.items() if k != "student"}, "baseline": model,
+                       "student": self.models["student"]}
 
     def online(self) -> None:
         self.baseline()

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from edgekd import __version__
 from edgekd.errors import CheckFailed, ExportError
 from edgekd.export import metadata as meta_mod
 from edgekd.export import parity
-from edgekd.export.app_profile import (PIXEL_SCALE, AppModel, AppSpec, app_file_name, check_app_io,
-                                       pixel_calibration, to_pixels)
+from edgekd.export.app_profile import (APP_TAG, AppModel, AppSpec, app_file_name, app_spec, check_app_io,
+                                       pixel_calibration, read_labels_file, to_pixels)
+from edgekd.export.backends import MIXED, register_backend, register_variant
+from edgekd.export.common import PIXEL_SCALE
+from edgekd.export.tflite import TFLiteBackend
 from edgekd.export.app_tflite import (check_in_mediapipe, classifier_info, finish_app_file, mediapipe_available,
                                       plain_copy)
 
@@ -40,7 +44,7 @@ class AppJob:
         rd_path: The run directory.
         run: The run name (written into the metadata).
         model_name: File stem of the model (``student``, ``student_pruned``).
-        model: The PyTorch model (NCHW input).
+        model: The app-profile variant of the model (:class:`AppModel`: pixels in).
         spec: The app spec of the run.
         labels: Class names for the metadata.
         x: Raw test inputs (NCHW, 0..1).
@@ -88,7 +92,7 @@ def app_entry_normalization(spec: AppSpec, raw_channels: int) -> dict[str, list[
 class _AppWriter:
     def __init__(self, job: AppJob):
         self.job = job
-        self.app = AppModel(job.model, job.spec).eval()
+        self.app = job.model.eval()
         self.result = AppResult()
         self.pixels = to_pixels(job.x)
         self.info = None
@@ -100,7 +104,8 @@ class _AppWriter:
     def entry(self, path: Path, precision: str, route: str) -> dict[str, Any]:
         j = self.job
         norm = app_entry_normalization(j.spec, int(j.x.shape[1]))
-        entry = meta_mod.build_entry(path, j.model_name, precision, "NHWC", norm, j.labels, route)
+        entry = meta_mod.build_entry(path, j.model_name, precision, "NHWC", norm, j.labels, route,
+                                     backend=APP_BACKEND)
         entry["input"]["color"] = "RGB"
         entry.update({"profile": "app", "output_kind": j.spec.output, "pixel_scale": PIXEL_SCALE,
                       "app_normalization": j.spec.normalization_record(), "tflite_metadata": True})
@@ -254,3 +259,70 @@ def export_app_files(job: AppJob) -> AppResult:
     finally:
         plain.unlink(missing_ok=True)
     return w.result
+
+
+# -- the backend: the app-profile variant of the student, as .tflite -----------------------------------------
+
+class AppSettings(BaseModel):
+    """``export.tflite_app`` (``export.app`` in earlier recipes): the app-profile files."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: Optional[bool] = Field(None, description="null: on for image runs; true on a run without images is an "
+                                                      "error; false (--no-app): off")
+    output: Literal["probabilities", "logits"] = Field("probabilities", description="what app-profile files output")
+    int8_io: str = Field("uint8", description="inputs/outputs of int8 app-profile files: uint8 or float32")
+    labels: Optional[str] = Field(None, description="labels file (one per line) for the files' metadata; "
+                                                    "default: the run's labels")
+
+
+def _app_variant(model: nn.Module, session: Any) -> nn.Module | None:
+    """The pixel-input wrapper of ``model`` (None: the run's inputs are not images the profile wraps)."""
+    cfg = APP_BACKEND.settings(session.cfg.backend_sections().get(APP_BACKEND.name))
+    spec = app_spec(session.layout, session.input_shape, session.norm, cfg.output)
+    return None if spec is None else AppModel(model, spec).eval()
+
+
+class AppBackend(TFLiteBackend):
+    """``<model>_app_<precision>.tflite``: RGB uint8 pixels in, normalization inside, TFLite Model Metadata with
+    the labels, checked in MediaPipe's ImageClassifier. Written beside the tflite files of image runs."""
+
+    name = "tflite_app"
+    tag = APP_TAG
+    variant = APP_TAG
+    companion_of = "tflite"
+    teacher = False
+    qat_route = None
+    routes = {k: v for k, v in TFLiteBackend.routes.items() if k != MIXED}  # app files are not searched
+    Settings = AppSettings
+
+    def prepare(self, session: Any, settings: Any, asked: bool) -> bool:
+        if settings.enabled is False:
+            return False
+        spec = app_spec(session.layout, session.input_shape, session.norm, settings.output,
+                        asked=asked or settings.enabled is True)
+        if spec is None:
+            return False
+        check_app_io(settings.int8_io)
+        if settings.labels:
+            read_labels_file(settings.labels, len(session.labels))
+        return True
+
+    def build(self, ctx: Any, target: Any) -> None:
+        s = ctx.session
+        cfg = s.settings(self)
+        model = s.variant(target, self.variant)
+        if model is None:
+            return
+        labels = read_labels_file(cfg.labels, len(s.labels)) if cfg.labels else list(s.labels)
+        job = AppJob(rd_path=s.rd.path, run=s.rd.name, model_name=target.name, model=model, spec=model.spec,
+                     labels=labels, x=s.x, y=s.y, calibration=s.calibration, precisions=list(ctx.precisions),
+                     int8_io=cfg.int8_io, tolerance=s.cfg.tolerance, verify=s.verify, log=s.log)
+        result = export_app_files(job)
+        for entry in result.entries:
+            ctx.record(entry, result.metrics[entry["file"]])
+        ctx.report.failures.extend(result.failures)
+        ctx.report.problems.extend(result.problems)
+
+
+APP_BACKEND = register_backend(AppBackend())
+register_variant(APP_TAG, _app_variant)

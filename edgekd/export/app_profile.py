@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from edgekd.errors import ExportError
+from edgekd.export.common import PIXEL_SCALE
 
-PIXEL_SCALE = 255.0
 # ITU-R BT.601 luma weights, as PIL's convert("L") uses them (edgekd's folder reader makes gray images so).
 LUMA = (0.299, 0.587, 0.114)
 OUTPUT_KINDS = ("probabilities", "logits")
@@ -93,7 +93,7 @@ def app_spec(layout: str, input_shape: tuple[int, ...] | list[int], normalizatio
         if asked:
             what = f"{layout} inputs of shape {list(shape)}"
             raise ExportError(f"the app profile needs an image run with 1 or 3 channels, this run has {what}",
-                              "drop --app (export.app.enabled) for this run")
+                              "drop --app (export.tflite_app.enabled) for this run")
         return None
     c = shape[0]
     mean = [float(v) for v in np.broadcast_to(np.asarray(normalization.get("mean", [0.0]), np.float64), (c,))]
@@ -109,7 +109,7 @@ def check_app_io(io_type: str) -> str:
     """
     if io_type == "int8":
         raise ExportError("int8 inputs/outputs cannot be used in the app profile: image clients feed uint8 or "
-                          "float32 pixels", "set export.int8_io to uint8 or float32, or pass --no-app")
+                          "float32 pixels", "set export.tflite_app.int8_io to uint8 or float32, or pass --no-app")
     if io_type not in APP_IO_TYPES:
         raise ExportError(f"unknown int8 I/O type {io_type!r} for the app profile", "choose uint8 or float32")
     return io_type
@@ -121,6 +121,7 @@ class AppModel(nn.Module):
     def __init__(self, model: nn.Module, spec: AppSpec):
         super().__init__()
         self.model = model
+        self.spec = spec
         self.probabilities = spec.output == "probabilities"
         self.gray = spec.channels == 1
         std = np.asarray(spec.std, np.float32)

@@ -1,4 +1,4 @@
-"""Helpers shared by the ONNX and TFLite exporters: quiet conversions, operator-naming errors, versions."""
+"""Helpers shared by the backends: quiet conversions, operator-naming errors, tool versions, the pixel scale."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Iterator
 
 from edgekd.errors import ExportError
+
+# Raw image inputs are pixels / 255 (0..1); app-profile files take 0..255 pixels, and metadata gives the
+# normalization in both units.
+PIXEL_SCALE = 255.0
 
 # Where converters name the operator they could not handle, most specific first.
 _OP_PATTERNS = [

@@ -3,8 +3,8 @@
 The MCU file is made from the run's verified static-int8 TFLite file, not quantized again, so its arithmetic
 is the int8 file's, operator for operator:
 
-1. the float32 (or uint8) boundary that ``export.int8_io`` may have added is taken off, then uint8 I/O is put
-   back if ``export.mcu_io`` asks for it (int8 is TFLM's native type);
+1. the float32 (or uint8) boundary that ``export.tflite.int8_io`` may have added is taken off, then uint8 I/O
+   is put back if ``export.mcu.io`` asks for it (int8 is TFLM's native type);
 2. tensor names are emptied except the input's and output's: litert-torch names every tensor after the
    PyTorch module path, which is flash the firmware never reads (about a third of a small model);
 3. the file is checked: every tensor integer (a float tensor means the model is not full-integer), every
@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgekd.errors import CheckFailed, ExportError
+from edgekd.export.backends import Derived, ExportBackend, register_backend
 from edgekd.run_dir import atomic_path
 
 MCU_FORMAT = "mcu"
@@ -332,7 +334,7 @@ def export_mcu(run_path: Path, int8_entry: dict[str, Any] | None, io_type: str, 
     Args:
         run_path: The run directory.
         int8_entry: metadata.json entry of the static int8 TFLite student file (None: the run has none).
-        io_type: ``int8`` or ``uint8`` inputs/outputs (``export.mcu_io``).
+        io_type: ``int8`` or ``uint8`` inputs/outputs (``export.mcu.io``).
         x: Raw test inputs (``eval.npz``).
         y: Test labels.
         run_name: For the firmware README.
@@ -380,3 +382,58 @@ def export_mcu(run_path: Path, int8_entry: dict[str, Any] | None, io_type: str, 
                "tflm_litert_agreement": result.agreement, "flash_bytes": entry["size_bytes"],
                "ram_bytes": result.arena_firmware_bytes, "arena_min_bytes": result.arena["arena_min_bytes"]}
     return entry, metrics
+
+
+# -- the backend: made from the int8 TFLite file ----------------------------------------------------------
+
+class McuSettings(BaseModel):
+    """``export.mcu``: the MCU file's input/output type."""
+
+    model_config = ConfigDict(extra="forbid")
+    io: Literal["int8", "uint8"] = Field("int8", description="inputs/outputs of the MCU file")
+
+
+class McuBackend(ExportBackend):
+    """``<model>_mcu.tflite`` for TensorFlow Lite Micro, derived from the verified int8 TFLite file and
+    verified in TFLM (with its arena measured) and in LiteRT; the firmware sources travel with it."""
+
+    name = MCU_FORMAT
+    format = "tflite"
+    suffix = ".tflite"
+    tag = MCU_FORMAT
+    source = ("tflite", "int8")
+    teacher = False
+    Settings = McuSettings
+    tools = ("ai-edge-litert",)
+    runtime = "tflm"
+
+    def file_name(self, model: str, precision: str, qat: bool = False) -> str:
+        return f"{model}{MCU_SUFFIX}"
+
+    def check_plan(self, precisions: list[str], formats: list[str]) -> None:
+        if "int8" not in precisions:
+            raise ExportError("the MCU target needs the static int8 TFLite file, and export.quantize has no int8",
+                              "add int8 to export.quantize")
+
+    def check_available(self) -> None:
+        from edgekd.runtimes.tflm import tflm_module
+
+        tflm_module()
+
+    def derive(self, source_path: Path, source_entry: dict[str, Any], path: Path, ctx: Any) -> Derived:
+        s = ctx.session
+        entry, metrics = export_mcu(s.rd.path, source_entry, s.settings(self).io, s.x, s.y, s.rd.name)
+        m = entry["mcu"]
+        entry["backend"] = self.name
+        line = (f"{entry['file']:28s} {entry['size_bytes'] / 1024:7.1f} KB  TFLM accuracy {m['tflm_accuracy']:.4f} "
+                f"(LiteRT {m['litert_accuracy']:.4f}), arena {m['arena_min_bytes']} B "
+                f"(firmware {m['arena_firmware_bytes']} B)  ok [{entry['route']}]")
+        return Derived(entry, {**metrics, "backend": self.name}, companions=list(m["firmware"]), log=line)
+
+    def io_spec(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        from edgekd.export.tflite import describe_tflite
+
+        return describe_tflite(path)
+
+
+register_backend(McuBackend())

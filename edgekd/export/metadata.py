@@ -11,22 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import RunDirError
-from edgekd.export.backends import backend_for
-from edgekd.run_dir import RunDir, read_json, sha256_file, write_json_atomic
+from edgekd.export.backends import ExportBackend, backend_for
+from edgekd.export.common import PIXEL_SCALE
+from edgekd.run_dir import PRUNED_STUDENT, RunDir, read_json, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
-# Raw image inputs are pixels / 255; ``normalization_pixels`` gives the same normalization in 0..255 units.
-PIXEL_SCALE = 255.0
 
 
-def describe_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def describe_file(path: Path, entry: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Input and output specs of a model file as its runtime reports them (asked of the file's backend)."""
-    return backend_for(path).io_spec(Path(path))
+    return backend_for(path, entry).io_spec(Path(path))
 
 
 def build_entry(path: Path, model: str, precision: str, layout: str, normalization: dict[str, Any],
-                labels: list[str], route: str, **extra: Any) -> dict[str, Any]:
+                labels: list[str], route: str, backend: ExportBackend | None = None, **extra: Any) -> dict[str, Any]:
     """One ``models[]`` entry of metadata.json for an exported file.
 
     Args:
@@ -37,35 +36,24 @@ def build_entry(path: Path, model: str, precision: str, layout: str, normalizati
         normalization: ``{"mean", "std"}`` applied to raw inputs before the model.
         labels: Class names in output order.
         route: The tool chain that produced the file.
+        backend: The backend that wrote it (default: the one whose files have its name).
         **extra: Further keys (e.g. ``routes_tried``).
     """
-    desc = backend_for(path).describe(Path(path))
+    desc = (backend or backend_for(path)).describe(Path(path))
     desc["input"]["layout"] = layout
-    fmt = desc["format"]
     entry = {
-        "file": path.name, "model": model, "format": fmt, "precision": precision,
-        "input": desc["input"], "output": desc["output"], "normalization": normalization, "labels": list(labels),
-        "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "route": route,
-        "tool_versions": desc["tool_versions"], "profile": "research", "output_kind": "logits",
+        "file": path.name, "model": model, "backend": desc.pop("backend"), "format": desc.pop("format"),
+        "precision": precision, "input": desc.pop("input"), "output": desc.pop("output"),
+        "normalization": normalization, "labels": list(labels), "size_bytes": path.stat().st_size,
+        "sha256": sha256_file(path), "route": route, "tool_versions": desc.pop("tool_versions"),
+        "profile": "research", "output_kind": "logits", **desc,
     }
-    if fmt == "tflite":
-        entry["signature_keys"] = signature_keys(path)
     if layout in ("NCHW", "NHWC") and normalization.get("std"):
         entry["pixel_scale"] = PIXEL_SCALE
         entry["normalization_pixels"] = {"mean": [float(m) * PIXEL_SCALE for m in normalization["mean"]],
                                          "std": [float(v) * PIXEL_SCALE for v in normalization["std"]]}
     entry.update(extra)
     return entry
-
-
-def signature_keys(path: Path) -> dict[str, dict[str, list[str]]]:
-    """A .tflite file's signatures (what Android's ``Interpreter.runSignature`` and LiteRT's
-    ``get_signature_runner`` take): ``{key: {"inputs": [...], "outputs": [...]}}``."""
-    from edgekd.runtimes.litert import interpreter_class
-
-    cls, _ = interpreter_class()
-    sigs = cls(model_path=str(path)).get_signature_list()
-    return {k: {"inputs": list(v.get("inputs", [])), "outputs": list(v.get("outputs", []))} for k, v in sigs.items()}
 
 
 def read_metadata(rd: RunDir) -> dict[str, Any]:
@@ -90,7 +78,7 @@ def write_metadata(rd: RunDir, entries: list[dict[str, Any]], labels: list[str],
     by_file = {e["file"]: e for e in meta["models"] if (rd / e["file"]).is_file()}
     for e in entries:
         by_file[e["file"]] = e
-    order = {"student_pruned": 0, "student": 1, "teacher": 2}
+    order = {PRUNED_STUDENT: 0, "student": 1, "teacher": 2}
     prec = {"fp32": 0, "fp16": 1, "dynamic": 2, "int8": 3}
     models = sorted(by_file.values(), key=lambda e: (order.get(e["model"], 9), e["model"], e["format"],
                                                      prec.get(e["precision"], 9), e["file"]))

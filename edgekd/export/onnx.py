@@ -9,14 +9,15 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from edgekd.errors import ExportError
-from edgekd.export.backends import ExportBackend, QuantizeJob, register_backend
+from edgekd.export.backends import MIXED, ExportBackend, QuantizeJob, register_backend
 from edgekd.export.common import conversion_error, quiet
 from edgekd.run_dir import atomic_path
 
@@ -315,13 +316,37 @@ def onnx_layers(path: Path, x: np.ndarray) -> list[tuple[str, str, str, np.ndarr
 
 # -- the backend ------------------------------------------------------------------------------------------
 
+ROUTE_QAT = "qat-torch.onnx-qdq"
+
+
+def write_qat_onnx(converted: nn.Module, sample: torch.Tensor, path: Path, *, what: str = "the QAT student") -> str:
+    """Write a converted QAT graph (:func:`edgekd.quant.convert_qat`) as a QDQ ONNX file: float32 I/O, dynamic
+    batch, per-channel int8 weights stored as int8 (the learned scales, not calibrated again).
+
+    Returns:
+        The route name (recorded as ``route`` in metadata.json).
+    """
+    export_onnx(converted, sample, path, what=what, fold_weights=True)
+    return ROUTE_QAT
+
+
+class OnnxSettings(BaseModel):
+    """``export.onnx``: how ONNX Runtime calibrates static int8 files."""
+
+    model_config = ConfigDict(extra="forbid")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
 class OnnxBackend(ExportBackend):
-    """ONNX files: fp32 by torch.onnx (dynamo) + onnxslim; fp16/int8/dynamic by ONNX Runtime's tools."""
+    """ONNX files: fp32 by torch.onnx (dynamo) + onnxslim; fp16/int8/dynamic by ONNX Runtime's tools; int8 from
+    the QAT student as QDQ (its learned scales, not calibrated again)."""
 
     name = "onnx"
     suffix = ".onnx"
     routes = {"fp32": (ROUTE_FP32,), "fp16": ("onnxruntime",), "int8": ("onnxruntime",),
-              "dynamic": ("onnxruntime",)}
+              "dynamic": ("onnxruntime",), MIXED: ("onnxruntime-selective",)}
+    qat_route = ROUTE_QAT
+    Settings = OnnxSettings
     tools = ("onnx", "onnxscript", "onnxslim", "onnxruntime")
     channel_axis = 1
     runtime = "onnxruntime"
@@ -333,6 +358,29 @@ class OnnxBackend(ExportBackend):
         return quantize_onnx(job.fp32_path, job.path, job.precision, job.calibration,
                              job.settings.calibration_method)
 
+    def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
+                  settings: Any) -> Any:
+        from edgekd.quant.selective import OnnxSelective
+
+        return OnnxSelective(fp32_path, calibration, layout, normalization, method=settings.calibration_method,
+                             silence=quiet)
+
+    def write_qat(self, qat_model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, settings: Any,
+                  what: str) -> str:
+        from edgekd.quant import convert_qat
+
+        return write_qat_onnx(convert_qat(qat_model), sample, path, what=what)
+
+    def finalize(self, path: Path, session: Any) -> None:
+        """metadata_props (labels, normalization, layout) and no unused opset imports (see onnx_app)."""
+        from edgekd import __version__
+        from edgekd.export.onnx_app import finish_onnx_file, metadata_props
+
+        s = session
+        finish_onnx_file(path, metadata_props(labels=s.labels, input_name=INPUT_NAME, layout=s.layout,
+                                              normalization=s.norm, output="logits", version=__version__,
+                                              run=s.rd.name, image=s.layout == "NCHW"))
+
     def io_spec(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return describe_onnx(path)
 
@@ -341,3 +389,4 @@ class OnnxBackend(ExportBackend):
 
 
 register_backend(OnnxBackend())
+

@@ -22,11 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgekd.errors import ExportError
+from edgekd.export.common import PIXEL_SCALE
 from edgekd.run_dir import atomic_path
 
 PROP_PREFIX = "edgekd."
 ORT_CONFIG = "required_operators.config"
-PIXEL_SCALE = 255.0
 
 
 def metadata_props(*, labels: Sequence[str], input_name: str, layout: str, normalization: dict[str, Any],
@@ -182,3 +182,4 @@ def custom_metadata(path: Path) -> dict[str, str]:
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(sess.get_modelmeta().custom_metadata_map)
+

@@ -18,14 +18,15 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from edgekd.errors import ExportError
-from edgekd.export.backends import ExportBackend, QuantizeJob, register_backend
+from edgekd.export.backends import MIXED, ExportBackend, QuantizeJob, register_backend
 from edgekd.export.common import conversion_error, quiet
 from edgekd.run_dir import atomic_path
 
@@ -405,17 +406,87 @@ def layer_label(op: str, name: str) -> str:
 
 # -- the backend ------------------------------------------------------------------------------------------
 
+ROUTE_QAT = "qat-litert-torch-pt2e"
+
+
+def write_qat_tflite(converted: nn.Module, sample: torch.Tensor, path: Path, *, nhwc: bool = False,
+                     io_type: str = "float32", what: str = "the QAT student") -> str:
+    """Write a converted QAT graph (:func:`edgekd.quant.convert_qat`) as a full-integer int8 .tflite file.
+
+    litert-torch lowers the graph's quantize/dequantize nodes as the PT2E PTQ route does after calibration, so
+    the file carries the scales learned in training (batch 1, like apps run it).
+
+    Args:
+        converted: The converted QAT graph (NCHW/NF input).
+        sample: One normalized NCHW/NF input.
+        path: Destination; written atomically.
+        nhwc: Make the file take channels-last input (the transpose stays outside the quantized graph).
+        io_type: ``float32``, ``int8`` or ``uint8`` model inputs/outputs.
+        what: Name of the model for error messages.
+
+    Returns:
+        The route name (recorded as ``route`` in metadata.json).
+    """
+    from edgekd.quant import int8_quantizer
+
+    with quiet():
+        import litert_torch
+        from litert_torch.quantize import quant_config
+
+    file_model, file_sample = file_model_for(converted, sample[:1], nhwc)
+    with atomic_path(path) as tmp:
+        with quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                edge = litert_torch.convert(file_model, (file_sample,),
+                                            quant_config=quant_config.QuantConfig(pt2e_quantizer=int8_quantizer(qat=True)))
+                edge.export(str(tmp))
+            except Exception as e:  # converters raise anything from RuntimeError to AssertionError
+                raise conversion_error("tflite (QAT)", what, e, "litert-torch PT2E") from e
+        if io_type != "int8":
+            data = tmp.read_bytes()
+            if has_int8_io(data):
+                tmp.write_bytes(retype_io(data, io_type))
+    return ROUTE_QAT
+
+
+def signature_keys(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A .tflite file's signatures (what Android's ``Interpreter.runSignature`` and LiteRT's
+    ``get_signature_runner`` take): ``{key: {"inputs": [...], "outputs": [...]}}``."""
+    from edgekd.runtimes.litert import interpreter_class
+
+    cls, _ = interpreter_class()
+    sigs = cls(model_path=str(path)).get_signature_list()
+    return {k: {"inputs": list(v.get("inputs", [])), "outputs": list(v.get("outputs", []))} for k, v in sigs.items()}
+
+
+class TFLiteSettings(BaseModel):
+    """``export.tflite``: the input layout and the I/O type of full-integer files."""
+
+    model_config = ConfigDict(extra="forbid")
+    nhwc: bool = Field(False, description="channels-last input (camera pipelines deliver NHWC)")
+    int8_io: Literal["float32", "int8", "uint8"] = Field("float32", description="I/O of full-integer files")
+
+
 class TFLiteBackend(ExportBackend):
     """TFLite files: fp32 by litert-torch; fp16 by ai-edge-quantizer; int8 and dynamic by PT2E or
-    ai-edge-quantizer (see :data:`TFLITE_ROUTES`, :data:`TFLITE_DYNAMIC_ROUTES` for the order)."""
+    ai-edge-quantizer (see :data:`TFLITE_ROUTES`, :data:`TFLITE_DYNAMIC_ROUTES` for the order); int8 from the
+    QAT student by litert-torch's PT2E lowering."""
 
     name = "tflite"
     suffix = ".tflite"
-    routes = {"fp32": (ROUTE_FP32,), "fp16": (ROUTE_AEQ,), "int8": TFLITE_ROUTES, "dynamic": TFLITE_DYNAMIC_ROUTES}
+    routes = {"fp32": (ROUTE_FP32,), "fp16": (ROUTE_AEQ,), "int8": TFLITE_ROUTES, "dynamic": TFLITE_DYNAMIC_ROUTES,
+              MIXED: ("ai-edge-quantizer-selective",)}
+    qat_route = ROUTE_QAT
+    Settings = TFLiteSettings
     tools = ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torchao")
-    channels_last = True
     channel_axis = -1
     runtime = "litert"
+
+    def prepare(self, session: Any, settings: Any, asked: bool) -> bool:
+        if settings.nhwc and session.layout != "NCHW":
+            session.log(f"--nhwc ignored: the inputs are {session.layout}, not images")
+        return True
 
     def export(self, model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, what: str) -> str:
         return export_tflite(model, sample, path, nhwc=layout == "NHWC", what=what)
@@ -434,8 +505,32 @@ class TFLiteBackend(ExportBackend):
             return route
         return super().quantize(route, job)
 
+    def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
+                  settings: Any) -> Any:
+        from edgekd.quant.selective import TFLiteSelective
+
+        return TFLiteSelective(fp32_path, calibration, layout, normalization, silence=quiet)
+
+    def finish_mixed(self, path: Path, settings: Any) -> None:
+        """The int8 I/O type of ``export.tflite.int8_io`` where the mixed file's ends are int8 (as int8 files)."""
+        data = path.read_bytes()
+        if settings.int8_io == "int8" or not has_int8_io(data):
+            return
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(retype_io(data, settings.int8_io))
+
+    def write_qat(self, qat_model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, settings: Any,
+                  what: str) -> str:
+        from edgekd.quant import convert_qat
+
+        return write_qat_tflite(convert_qat(qat_model), sample, path, nhwc=layout == "NHWC",
+                                io_type=settings.int8_io, what=what)
+
     def io_spec(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return describe_tflite(path)
+
+    def extra_metadata(self, path: Path) -> dict[str, Any]:
+        return {"signature_keys": signature_keys(path)}
 
     def layer_outputs(self, path: Path, x: np.ndarray) -> list[tuple]:
         with quiet():

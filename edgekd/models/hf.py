@@ -306,18 +306,15 @@ def student_from_teacher(source: str, layers: Any, input_shape: tuple[int, ...],
     """Load a teacher from a local HF directory or an edgekd checkpoint and keep a subset of its layers."""
     p = Path(source).expanduser()
     if p.is_file():
-        from edgekd.models.checkpoint import load_checkpoint, load_weights
-        from edgekd.models.builder import build_model
+        from edgekd.models.checkpoint import load_checkpoint
+        from edgekd.models.loading import load_model
 
         ckpt = load_checkpoint(p)
         info = ckpt.get("model") or {}
         if not str(info.get("spec", "")).startswith("hf_"):
             raise ModelError(f"from_teacher checkpoint {p} does not hold an hf_* model",
                              "point from_teacher at an edgekd checkpoint of an hf_* teacher or a local HF directory")
-        kwargs = {k: v for k, v in (info.get("kwargs") or {}).items() if k not in ("from_teacher", "layers")}
-        teacher = build_model(info["spec"], tuple(ckpt.get("input_shape") or input_shape),
-                              int(ckpt.get("num_classes") or num_classes), kwargs)
-        load_weights(teacher, p)
+        teacher = load_model(p, checkpoint=ckpt)
     else:
         tf = _transformers()
         check_local_dir(p)

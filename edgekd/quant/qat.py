@@ -190,10 +190,13 @@ def _stays_in_inference_form(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
-def convert_qat(qat_model: QATModel) -> torch.fx.GraphModule:
+def convert_qat(qat_model: QATModel, fold_weights: bool = False) -> torch.fx.GraphModule:
     """The fake-quantized model as a graph with explicit int8 quantize/dequantize nodes (inference form).
 
-    The result is what the int8 exporters consume (:mod:`edgekd.export.qat`). Its ``train()`` / ``eval()``
+    ``fold_weights``: store the weights already quantized (int8 constants), as XNNPACK's lowering needs;
+    without it the graph quantizes float weights at run time, which litert-torch and the ONNX exporter take.
+
+    The result is what the backends' QAT routes consume (:mod:`edgekd.export.qat`). Its ``train()`` / ``eval()``
     return the graph unchanged, so exporters can call ``model = model.eval()`` as on any model (an exported
     graph refuses both; torchao's ``allow_exported_model_train_eval`` makes them return None). It stays a
     plain graph module: the ONNX exporter cannot unlift the weights of a graph nested in a wrapper module.
@@ -204,7 +207,7 @@ def convert_qat(qat_model: QATModel) -> torch.fx.GraphModule:
     qat_model.eval()
     try:
         with _quiet_imports():
-            converted = convert_pt2e(copy.deepcopy(qat_model.graph), fold_quantize=False)
+            converted = convert_pt2e(copy.deepcopy(qat_model.graph), fold_quantize=fold_weights)
     except Exception as e:
         raise ExportError(f"converting the QAT model failed: {type(e).__name__}: {str(e)[:200]}") from e
     converted.train = types.MethodType(_stays_in_inference_form, converted)

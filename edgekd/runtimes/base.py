@@ -109,6 +109,15 @@ class Runtime:
     def import_libraries(cls) -> None:
         """Import the runtime's libraries, so a timed model load does not pay for Python imports."""
 
+    @classmethod
+    def operator_profile(cls, path: str | os.PathLike, entry: dict[str, Any], x_raw: np.ndarray) -> dict[str, Any] | None:
+        """Per-operator timings of a file, for runtimes that can trace their operators (None: this one cannot).
+
+        Returns ``{"available": bool, "operators": [{"name", "delegate", "median_ms"}], "runs", ...}`` or, when
+        the installed build cannot trace, ``{"available": False, "reason": ...}``.
+        """
+        return None
+
     @staticmethod
     def version() -> str:
         return "unknown"

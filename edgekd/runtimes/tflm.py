@@ -25,12 +25,12 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from edgekd.errors import ExportError
-from edgekd.runtimes.base import Runtime
+from edgekd.runtimes.base import Runtime, installed, register_runtime
 
 _INSTALL_HINT = "pip install 'edgekd[mcu]' (the tflite-micro wheel: Linux x86_64/aarch64, Python 3.10-3.12)"
 # The bisection stops here: no microcontroller edgekd targets has more RAM than this.
@@ -158,12 +158,28 @@ def measure_arena(data: bytes, what: str = "the model") -> ArenaUse:
     return ArenaUse(alloc["total"], alloc.get("head", 0), alloc.get("tail", 0), hi)
 
 
+@register_runtime
 class TFLMRuntime(Runtime):
-    """A full-integer ``.tflite`` file in the TensorFlow Lite Micro interpreter (one sample per invoke)."""
+    """A full-integer ``.tflite`` file in the TensorFlow Lite Micro interpreter (one sample per invoke).
+
+    It takes the MCU files (those the ``mcu`` backend wrote): the other .tflite files have float or named
+    boundaries a microcontroller firmware does not feed, and LiteRT runs them.
+    """
 
     name = "tflm"
-    formats = ("mcu",)
     suffixes = (".tflite",)
+
+    @classmethod
+    def available(cls) -> bool:
+        return installed("tflite_micro")
+
+    @classmethod
+    def accepts(cls, entry: dict[str, Any] | None) -> bool:
+        return bool(entry) and (entry.get("backend") == "mcu" or entry.get("target") == "mcu")
+
+    @classmethod
+    def import_libraries(cls) -> None:
+        tflm_module()
 
     def _load(self) -> None:
         data = self.path.read_bytes()

@@ -308,8 +308,8 @@ def _start(model: nn.Module, data: DataBundle, loss_fn: nn.Module, config: FitCo
     has_params = any(True for _ in loss_fn.parameters())
     dev = parallel.device()  # moved before the optimizers exist, so resumed optimizer state lands there too
     _move(dev, model, signal.teacher, loss_fn)
-    # Under torchrun data.batch_size stays the global batch: each rank takes its share of every step.
-    batch_size = parallel.local_batch_size(data.batch_size, len(data.train))
+    # Under torchrun the batch stays the global batch: each rank takes its share of every step.
+    batch_size = parallel.local_batch_size(getattr(cfg, "batch_size", None) or data.batch_size, len(data.train))
     total_steps = cfg.epochs * parallel.steps_per_epoch(len(data.train), batch_size)
     members = [_Member(config.role, model, cfg, total_steps, loss_fn if has_params else None)]
     if signal.trains_teacher:

@@ -141,7 +141,7 @@ def local_batch_size(global_batch: int, n_train: int) -> int:
     if n == 1:
         return global_batch
     if global_batch % n:
-        raise DataError(f"data.batch_size {global_batch} cannot be split over {n} processes",
+        raise DataError(f"batch size {global_batch} cannot be split over {n} processes",
                         f"use a batch size divisible by {n} or another --nproc_per_node")
     if n_train < n:
         raise DataError(f"the train split has {n_train} samples, fewer than the {n} processes",
