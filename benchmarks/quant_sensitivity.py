@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,13 +56,13 @@ def recipe_for(name: str, spec: dict, limit: int, seed: int) -> dict:
                         "loss": {"name": "kd", "temperature": 4.0, "alpha": 0.5}},
             # The benchmark reads the figures; loose tolerances keep a lossy int8 file from failing the stage.
             "export": {"formats": ["onnx", "tflite"], "quantize": ["int8"], "teacher": False,
-                       "app": {"enabled": False}, "tolerance": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}}
+                       "tflite_app": {"enabled": False}, "tolerance": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}}
 
 
 def full_int8_tflite(rd: Path, out: Path) -> None:
     """Every layer int8 by ai-edge-quantizer (the mixed search's start), float32 I/O like the shipped files."""
     from edgekd.export.common import quiet
-    from edgekd.export.pipeline import ExportSession, load_run_recipe
+    from edgekd.export.session import ExportSession, load_run_recipe
     from edgekd.export.tflite import has_int8_io, retype_io
     from edgekd.quant.selective import TFLiteSelective
     from edgekd.run_dir import RunDir
@@ -160,13 +156,13 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
-def markdown(results: list[dict], prov: dict) -> str:
+def markdown(results: list[dict], settings: dict, prov: dict) -> str:
+    from edgekd.provenance import markdown as provenance_markdown
+
     lines = ["# Mixed precision within an accuracy budget (`edgekd quantize --max-drop`)", "",
-             f"Budget {prov['budget']} points on the validation split; Fashion-MNIST, data.limit {prov['limit']}; "
-             f"p50 at 1 thread, batch 1, {prov['runs']} timed runs after 20 warm-up, one file at a time in a fresh "
-             f"process. Machine: {prov['cpu']} ({prov['cores']} cores), load average {prov['load_before']} before, "
-             f"{prov['load_after']} after (shared machine). Commit {prov['commit']}; {prov['versions']}.", "",
-             f"Command: `{prov['command']}`", ""]
+             f"Budget {settings['budget']} points on the validation split; Fashion-MNIST, data.limit "
+             f"{settings['limit']}; p50 at 1 thread, batch 1, {settings['runs']} timed runs after 20 warm-up, one "
+             "file at a time in a fresh process, on a shared machine (load in the provenance below).", ""]
     for res in results:
         lines += [f"## {res['model']}: {res['about']}", "",
                   f"{res['test_samples']} test / {res['validation_samples']} validation samples; training "
@@ -185,23 +181,7 @@ def markdown(results: list[dict], prov: dict) -> str:
             lines.append(f"| {s['format']} | {s['int8_drop_points']:+.2f} | {_pct(s['recovered'])} | "
                          f"{_pct(s['size_reduction_kept'])} | {'yes' if s['meets_target'] else 'no'} |")
         lines.append("")
-    return "\n".join(lines)
-
-
-def provenance(args: argparse.Namespace, load_before: tuple[float, ...]) -> dict:
-    from importlib.metadata import version
-
-    from edgekd.bench import machine_info
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    info = machine_info()
-    versions = ", ".join(f"{d} {version(d)}" for d in ("torch", "ai-edge-quantizer", "ai-edge-litert", "onnxruntime"))
-    return {"command": "python benchmarks/quant_sensitivity.py " + " ".join(sys.argv[1:]), "commit": commit,
-            "cpu": info["cpu_model"], "cores": info["cores"], "python": platform.python_version(),
-            "versions": versions, "threads": 1, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "load_before": [round(v, 1) for v in load_before], "load_after": [round(v, 1) for v in os.getloadavg()],
-            "budget": args.budget, "limit": args.limit, "runs": args.runs, "seed": args.seed}
+    return "\n".join(lines) + "\n" + provenance_markdown(prov)
 
 
 def main() -> None:
@@ -213,16 +193,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    load_before = os.getloadavg()
+    from edgekd.provenance import start
+
+    prov = start(threads=1)
     with tempfile.TemporaryDirectory(prefix="quant-sensitivity-") as tmp:
         results = []
         for key in args.models:
             results.append(one_model(key, args, Path(tmp)))
             print(f"{key}: done", flush=True)
-    prov = provenance(args, load_before)
+    block = prov.finish()
+    settings = {"budget": args.budget, "limit": args.limit, "runs": args.runs, "seed": args.seed}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quant_sensitivity.json").write_text(json.dumps({"provenance": prov, "models": results}, indent=2))
-    text = markdown(results, prov)
+    (args.out / "quant_sensitivity.json").write_text(
+        json.dumps({"provenance": block, "settings": settings, "models": results}, indent=2))
+    text = markdown(results, settings, block)
     (args.out / "quant_sensitivity.md").write_text(text + "\n")
     print(text)
 

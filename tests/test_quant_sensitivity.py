@@ -129,6 +129,10 @@ def test_report_shows_the_ranked_layers(sensitivity_run, tmp_path):
     md = (run / "report.md").read_text()
     assert "## Int8 sensitivity of student_fp32.tflite (ai-edge-quantizer, LiteRT" in md
     assert "## Int8 sensitivity of student_fp32.onnx" in md
+    # The section follows the short summary and the precision matrix; it is not part of the summary.
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "sensitiv" not in summary.lower()
+    assert md.index("## Summary") < md.index("## Int8 sensitivity")
     assert (run / "report_plots" / "sensitivity.png").stat().st_size > 1000
     assert "id='plot-sensitivity'" in (run / "report.html").read_text()
 
@@ -154,6 +158,7 @@ def test_max_drop_keeps_the_most_sensitive_layers_float(sensitivity_run, tmp_pat
         name, src = f"student_mixed.{fmt}", sens[f"student_fp32.{fmt}"]
         e, m = meta[name], metrics[name]
         assert e["precision"] == "mixed" and e["verified"] is True and m["verified"] is True
+        assert e["backend"] == fmt and m["backend"] == fmt  # the `mixed` route of the tflite/onnx backend
         assert e["source"] == f"student_fp32.{fmt}" and m["test_accuracy"] is not None
         ranking = [layer["name"] for layer in src["layers"]]
         floats = e["float_layers"]
@@ -232,3 +237,30 @@ def test_a_format_without_a_mixed_route_is_refused(tiny_run, tmp_path):
 def test_sensitivity_is_not_for_qat(int8_run):
     res = CliRunner().invoke(cli, ["quantize", "--run", str(int8_run), "--qat", "--sensitivity"])
     assert res.exit_code == 2 and "not with --qat" in res.output
+
+
+def test_mcu_with_a_budget_is_refused(int8_run, tmp_path):
+    """TFLM runs full-int8 files only: asking for the MCU file with export.max_drop, or for a mixed MCU file,
+    stops with one line before anything is written."""
+    run = _copy(int8_run, tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    res = CliRunner().invoke(cli, ["export", "--run", str(run), "--format", "mcu", "--no-teacher",
+                                   "--set", "export.max_drop=1"])
+    assert res.exit_code == 2, res.output
+    assert "MCU file must be full int8" in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(cli, ["quantize", "--run", str(run), "--max-drop", "1", "--file", "student_mcu.tflite"])
+    assert res.exit_code == 2, res.output
+    assert "MCU file must be full int8" in res.output and len(res.output.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_export_budget_needs_a_format_with_a_mixed_route(tiny_run, tmp_path):
+    import npzmodel_format  # noqa: F401  (registers the toy format)
+
+    run = _copy(tiny_run, tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    res = CliRunner().invoke(cli, ["export", "--run", str(run), "--format", "npzmodel", "--quantize", "none",
+                                   "--no-teacher", "--set", "export.max_drop=1"])
+    assert res.exit_code == 2, res.output
+    assert "npzmodel has no mixed-precision route" in res.output and len(res.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in run.iterdir()) == before

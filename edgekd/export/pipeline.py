@@ -103,11 +103,11 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     cfg = merge_export_config(rd, load_run_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc,
                               int8_io=int8_io, calibration_method=calibration_method, teacher=teacher, ort=ort,
                               app=None if app is None else {"enabled": app})
-    plan = check_formats(cfg.formats, cfg)
     if cfg.max_drop is not None:
         from edgekd.export.mixed import check_mixed_formats
 
         check_mixed_formats(cfg.formats)
+    plan = check_formats(cfg.formats, cfg)
     targets = _export_targets(rd, cfg, log)
     check_writable(rd)
     session = ExportSession(rd, cfg, verify, log)
