@@ -46,8 +46,9 @@ class Skip(Exception):
     """A model this runtime cannot measure; the message is the reason shown under ``skipped``."""
 
 
-# Precisions whose arithmetic is integer (or int8 weights with runtime-quantized activations).
-INTEGER_PRECISIONS = ("int8", "dynamic")
+# Precisions whose arithmetic is integer (or int8 weights with runtime-quantized activations, or int8 layers
+# beside float ones: mixed).
+INTEGER_PRECISIONS = ("int8", "dynamic", "mixed")
 
 
 # --------------------------------------------------------------------------------------------- runtimes

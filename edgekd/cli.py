@@ -264,6 +264,8 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
                         calibration_method=calibration_method, teacher=False if no_teacher else None,
                         verify=not no_verify, log=None if quiet else click.echo, cfg=cfg, check=False,
                         app=app, ort=ort or None)
+    for line in report.extra.get("sensitivity", []):  # export.max_drop: the layers that cost the most in int8
+        click.echo(line)
     click.echo(summary_table(rd))
     report.raise_for_problems()
 
@@ -278,18 +280,30 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
               help="Quantization-aware distillation instead: fine-tune the student with int8 fake quantization "
                    "and the KD loss, write STUDENT_int8_qat.onnx/.tflite/.pte (--set keys then name the `qat` section).")
 @click.option("--resume", is_flag=True, help="--qat: continue from the last finished QAT epoch.")
+@click.option("--sensitivity", is_flag=True,
+              help="Per layer, on the validation split: accuracy drop and output SNR/cosine vs fp32 with only that "
+                   "layer int8 and with all but that layer int8, in each format's runtime "
+                   "(RUN/quant_sensitivity.json; the top layers are printed).")
+@click.option("--max-drop", "max_drop", type=float, default=None, metavar="POINTS",
+              help="Write STUDENT_mixed.tflite/.onnx: the most sensitive layers kept float until the validation "
+                   "accuracy is within POINTS percentage points of fp32 (default: the recipe's export.max_drop).")
 def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
                  overrides: tuple[str, ...], quiet: bool, precision: str | None, files: tuple[str, ...],
-                 qat: bool, resume: bool) -> None:
+                 qat: bool, resume: bool, sensitivity: bool, max_drop: float | None) -> None:
     """Post-training quantization of fp32 files already written by `edgekd export`, verified the same way.
 
     With --qat: quantization-aware distillation of the best student (PT2E fake quantization with the int8
     TFLite route's quantizer, KD from the teacher, settings from the recipe's `qat` section), then int8
     ONNX/TFLite files that carry the learned scales, verified against the fake-quantized PyTorch model.
+
+    With --sensitivity and/or --max-drop: which layers cost accuracy in int8, and mixed int8/float files within
+    an accuracy budget (TFLite by ai-edge-quantizer, ONNX by ONNX Runtime; the MCU target needs full int8).
     """
     from edgekd.export import run_quantize, summary_table
 
     if qat:
+        if sensitivity or max_drop is not None:
+            raise click.UsageError("--sensitivity and --max-drop measure post-training quantization; not with --qat")
         from edgekd.export.qat import run_qat
         from edgekd.recipe import merge_section
         from edgekd.run_dir import resolve_run
@@ -306,7 +320,10 @@ def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_met
     rd, cfg = _export_section(run, out, overrides, "quantize")
     report = run_quantize(rd, out, precisions=precision, files=list(files) or None, int8_io=int8_io,
                           calibration_method=calibration_method, verify=not no_verify,
-                          log=None if quiet else click.echo, cfg=cfg, check=False)
+                          log=None if quiet else click.echo, cfg=cfg, check=False, sensitivity=sensitivity,
+                          max_drop=max_drop)
+    for line in report.extra.get("sensitivity", []):
+        click.echo(line)
     click.echo(summary_table(rd))
     report.raise_for_problems()
 

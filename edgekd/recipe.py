@@ -231,6 +231,13 @@ class ExportConfig(_Section):
     calibration_samples: int = Field(256, gt=0)
     teacher: bool = Field(True, description="also export the teacher (fp32) for comparison")
     tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
+    max_drop: Optional[float] = Field(None, ge=0, le=100,
+                                      description="accuracy budget in percentage points: also write <model>_mixed "
+                                                  ".tflite/.onnx (route `mixed` of the tflite and onnx backends), the "
+                                                  "most int8-sensitive layers kept float until the validation "
+                                                  "accuracy is within it of the fp32 file's")
+    sensitivity_samples: int = Field(1000, gt=0, description="validation samples the per-layer sensitivity and the "
+                                                             "mixed-precision search run on")
 
     # Backend sections are extra keys; a scalar there is a typo of a key above (refused below).
     model_config = ConfigDict(extra="allow")

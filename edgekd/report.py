@@ -29,7 +29,8 @@ from edgekd.run_dir import RunDir, atomic_path, read_json, write_text_atomic
 
 STAGE = "report"
 PLOTS_DIR = "report_plots"
-_PRECISION_NAMES = {"int8": "static int8", "dynamic": "dynamic-range int8", "fp16": "fp16", "fp32": "fp32"}
+_PRECISION_NAMES = {"int8": "static int8", "dynamic": "dynamic-range int8", "fp16": "fp16", "fp32": "fp32",
+                    "mixed": "mixed int8/float"}
 _RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "litert": "LiteRT", "executorch": "ExecuTorch",
                   "tflm": "TFLM", "mediapipe": "MediaPipe"}
 
@@ -509,11 +510,13 @@ class Analysis:
     points: list[dict[str, Any]] = field(default_factory=list)  # accuracy vs latency, one per file and runtime
     front: list[int] = field(default_factory=list)  # indices of ``points`` on the Pareto front
     mcu_files: list[dict[str, Any]] = field(default_factory=list)  # metadata.json entries of MCU files
+    sensitivity: dict[str, Any] = field(default_factory=dict)  # quant_sensitivity.json (empty: not measured)
+    mixed_files: list[dict[str, Any]] = field(default_factory=list)  # metadata.json entries of mixed files
 
     def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
-        """Every table of the report: accuracy, latency, devices, then microcontrollers."""
+        """Every table of the report: accuracy, latency, devices, microcontrollers, operators, int8 sensitivity."""
         return (_tables(self.validation, self.bench, self.device_rows, self.metrics) + mcu_tables(self.mcu_files)
-                + operator_tables(self.bench.get("operator_timings") or {}))
+                + operator_tables(self.bench.get("operator_timings") or {}) + sensitivity_section(self))
 
 
 def _speed_of(bench_rows: list[dict[str, Any]], rec: Recommendation, teacher_acc: float | None
@@ -556,7 +559,7 @@ def analyse(rd: RunDir, device_rows: list[dict[str, Any]], budgets: ValidateConf
                     recommendation=rec, check=check, speed=_speed_of(b["rows"], rec, teacher_acc),
                     quant=quantization_findings(b["rows"]), points=points,
                     front=pareto_front([(p["p50_ms"], p["test_accuracy"]) for p in points]),
-                    mcu_files=_mcu_entries(rd))
+                    mcu_files=_mcu_entries(rd), **_sensitivity_inputs(rd))
 
 
 def operator_tables(profiles: dict[str, dict[str, Any]], top: int = 10) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -582,6 +585,32 @@ def _mcu_entries(rd: RunDir) -> list[dict[str, Any]]:
     path = rd / "metadata.json"
     models = read_json(path).get("models", []) if path.is_file() else []
     return [e for e in models if isinstance(e, dict) and isinstance(e.get("mcu"), dict)]
+
+
+# -- int8 sensitivity and mixed precision (edgekd quantize --sensitivity / --max-drop) ---------------------
+
+def _sensitivity_inputs(rd: RunDir) -> dict[str, Any]:
+    """quant_sensitivity.json and the metadata.json entries of the mixed-precision files, for the section."""
+    path, meta = rd / "quant_sensitivity.json", rd / "metadata.json"
+    data = read_json(path) if path.is_file() else {}
+    models = read_json(meta).get("models", []) if meta.is_file() else []
+    return {"sensitivity": data if isinstance(data, dict) else {},
+            "mixed_files": [e for e in models if isinstance(e, dict) and e.get("precision") == "mixed"]}
+
+
+def sensitivity_section(a: "Analysis") -> list[tuple[str, list[str], list[list[str]]]]:
+    """The tables of the int8-sensitivity section: the mixed files, then each file's ranked layers."""
+    from edgekd.quant.report import mixed_table, sensitivity_tables
+
+    return mixed_table(a.mixed_files, a.metrics) + sensitivity_tables(a.sensitivity)
+
+
+def plot_sensitivity(a: "Analysis") -> bytes | None:
+    """The ranked per-layer sensitivity plot (None when the run has no quant_sensitivity.json)."""
+    from edgekd.quant.report import plot_sensitivity as figure
+
+    fig = figure(a.sensitivity)
+    return None if fig is None else _png(fig)
 
 
 # -- the summary: at most 8 lines (Markdown; the HTML and the console print the same text) -----------------
@@ -843,7 +872,9 @@ def make_plots(rd: RunDir, a: Analysis) -> Plots:
                          plot_training(read_history(rd))),
             "accuracy_latency": ("Accuracy vs latency, Pareto front marked",
                                  plot_accuracy_latency(a.points, a.front, a.device_rows)),
-            "sizes": ("Model file sizes", plot_sizes(sorted(sizes.values(), key=lambda s: -s[1])))}
+            "sizes": ("Model file sizes", plot_sizes(sorted(sizes.values(), key=lambda s: -s[1]))),
+            "sensitivity": ("Int8 sensitivity per layer, most sensitive first (validation split)",
+                            plot_sensitivity(a))}
 
 
 def render_markdown(a: Analysis, lines: list[str], plots: Plots, plot_files: dict[str, str]) -> str:

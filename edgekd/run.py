@@ -152,6 +152,10 @@ def _check_early(recipe: Recipe, devices: list[str | Path]) -> None:
         # An unknown format (closest name as hint), a missing source (mcu without int8), a bad export.<name>
         # section, or a backend whose library is not installed (pte without ExecuTorch).
         check_formats(list(recipe.export.formats), recipe.export)
+        if recipe.export.max_drop is not None:  # mixed files of mcu (full int8 only) or of no mixed route
+            from edgekd.export.mixed import check_mixed_formats
+
+            check_mixed_formats(list(recipe.export.formats))
     if recipe.bench is not None:
         try:
             parse_threads(recipe.bench.threads)

@@ -27,7 +27,7 @@ from edgekd.export import metadata as meta_mod
 from edgekd.export import parity
 from edgekd.export.app_profile import (APP_TAG, AppModel, AppSpec, app_file_name, app_spec, check_app_io,
                                        pixel_calibration, read_labels_file, to_pixels)
-from edgekd.export.backends import register_backend, register_variant
+from edgekd.export.backends import MIXED, register_backend, register_variant
 from edgekd.export.common import PIXEL_SCALE
 from edgekd.export.tflite import TFLiteBackend
 from edgekd.export.app_tflite import (check_in_mediapipe, classifier_info, finish_app_file, mediapipe_available,
@@ -293,6 +293,7 @@ class AppBackend(TFLiteBackend):
     companion_of = "tflite"
     teacher = False
     qat_route = None
+    routes = {k: v for k, v in TFLiteBackend.routes.items() if k != MIXED}  # app files are not searched
     Settings = AppSettings
 
     def prepare(self, session: Any, settings: Any, asked: bool) -> bool:

@@ -47,6 +47,9 @@ from edgekd.export.common import operator_in, quiet, tool_versions
 PRECISIONS = ("fp32", "fp16", "int8", "dynamic")
 PLAIN = "plain"  # the model variant every backend exports unless it names another
 QAT_TAG = "qat"  # file-name tag of quantization-aware-trained files: <model>_int8_qat<suffix>
+# int8 except the most int8-sensitive layers, kept float within an accuracy budget (export.max_drop): a route of
+# the backends whose quantizer can leave chosen layers float (:meth:`ExportBackend.selective`).
+MIXED = "mixed"
 
 
 class NoSettings(BaseModel):
@@ -232,6 +235,20 @@ class ExportBackend:
                   what: str) -> str:
         """Write a converted QAT graph (:func:`edgekd.quant.convert_qat`) as an int8 file; return the route."""
         raise ExportError(f"{self.name} has no QAT route")
+
+    def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
+                  settings: Any) -> Any:
+        """The ``mixed`` route: a :class:`edgekd.quant.selective.SelectiveRoute` over a fp32 file of this backend
+        that writes it with any chosen layers int8 and the rest float (use it as a context manager).
+
+        Raises:
+            ExportError: The backend has no mixed route.
+        """
+        raise ExportError(f"{self.name} has no mixed-precision route", "mixed int8/float files: "
+                          + ", ".join(n for n, b in _REGISTRY.items() if b.routes.get(MIXED)))
+
+    def finish_mixed(self, path: Path, settings: Any) -> None:
+        """Give a mixed file the I/O the backend's settings ask of its int8 files (default: nothing to do)."""
 
     def derive(self, source_path: Path, source_entry: dict[str, Any], path: Path, ctx: Any) -> "Derived":
         """Make this backend's file at ``path`` from a source file (derived backends only)."""

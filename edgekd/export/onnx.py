@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from edgekd.errors import ExportError
-from edgekd.export.backends import ExportBackend, QuantizeJob, register_backend
+from edgekd.export.backends import MIXED, ExportBackend, QuantizeJob, register_backend
 from edgekd.export.common import conversion_error, quiet
 from edgekd.run_dir import atomic_path
 
@@ -344,7 +344,7 @@ class OnnxBackend(ExportBackend):
     name = "onnx"
     suffix = ".onnx"
     routes = {"fp32": (ROUTE_FP32,), "fp16": ("onnxruntime",), "int8": ("onnxruntime",),
-              "dynamic": ("onnxruntime",)}
+              "dynamic": ("onnxruntime",), MIXED: ("onnxruntime-selective",)}
     qat_route = ROUTE_QAT
     Settings = OnnxSettings
     tools = ("onnx", "onnxscript", "onnxslim", "onnxruntime")
@@ -357,6 +357,13 @@ class OnnxBackend(ExportBackend):
     def quantize(self, route: str, job: QuantizeJob) -> str:
         return quantize_onnx(job.fp32_path, job.path, job.precision, job.calibration,
                              job.settings.calibration_method)
+
+    def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
+                  settings: Any) -> Any:
+        from edgekd.quant.selective import OnnxSelective
+
+        return OnnxSelective(fp32_path, calibration, layout, normalization, method=settings.calibration_method,
+                             silence=quiet)
 
     def write_qat(self, qat_model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, settings: Any,
                   what: str) -> str:

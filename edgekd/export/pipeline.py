@@ -103,6 +103,10 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     cfg = merge_export_config(rd, load_run_recipe(rd), cfg, formats=formats, quantize=precisions, nhwc=nhwc,
                               int8_io=int8_io, calibration_method=calibration_method, teacher=teacher, ort=ort,
                               app=None if app is None else {"enabled": app})
+    if cfg.max_drop is not None:
+        from edgekd.export.mixed import check_mixed_formats
+
+        check_mixed_formats(cfg.formats)
     plan = check_formats(cfg.formats, cfg)
     targets = _export_targets(rd, cfg, log)
     check_writable(rd)
@@ -112,7 +116,13 @@ def run_export(run: str | os.PathLike | RunDir | None = None, out: str | os.Path
     rd.stage_started("export")
     report = ExportReport(run=str(rd.path))
     writer = FileWriter(session, report)
-    run_and_record(lambda: writer.build(plan, targets), rd, "export", report, session, writer, t0)
+
+    def work() -> None:
+        writer.build(plan, targets)
+        if cfg.max_drop is not None:
+            _export_mixed(writer, targets[0])
+
+    run_and_record(work, rd, "export", report, session, writer, t0)
     if cfg.quantize and report.ok:
         # Export quantized the student too; record it so `edgekd run` does not quantize the same files again.
         rd.stage_done("quantize", via="export", precisions=list(cfg.quantize))
@@ -140,12 +150,30 @@ def _export_targets(rd: RunDir, cfg: ExportConfig, log: Log) -> list[Target]:
     return targets
 
 
+def _export_mixed(writer: FileWriter, student: Target) -> None:
+    """``export.max_drop``: the student's ``mixed`` files, from its fp32 files of backends with that route."""
+    from edgekd.export.mixed import has_mixed, run_mixed
+
+    fp32 = [e for e in writer.entries if e["model"] == student.name and e["precision"] == "fp32"
+            and e.get("profile", "research") == "research"]
+    chosen = [e for e in fp32 if has_mixed(backend_for(e["file"], e))]
+    if chosen:
+        lines = run_mixed(writer.session, writer, chosen, lambda _model: student, sensitivity=False,
+                          max_drop=writer.session.cfg.max_drop)
+        writer.report.extra.setdefault("sensitivity", []).extend(lines)
+
+
 def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.PathLike = "exported", *,
                  precisions: list[str] | str | None = None, files: list[str] | None = None,
                  int8_io: str | None = None, calibration_method: str | None = None, verify: bool = True,
                  log: Log | None = None, cfg: ExportConfig | None = None, quiet: bool = True,
-                 check: bool = False) -> ExportReport:
+                 check: bool = False, sensitivity: bool = False, max_drop: float | None = None) -> ExportReport:
     """Post-training quantization of fp32 files already exported into the run (see :func:`run_export`).
+
+    With ``sensitivity`` or ``max_drop`` it measures each layer's int8 sensitivity (``quant_sensitivity.json``)
+    and, with a budget, writes mixed-precision files (:mod:`edgekd.export.mixed`) instead of the recipe's
+    precisions (``precisions`` given explicitly are written too). Without them, ``export.max_drop`` of the
+    recipe adds the mixed files to the precisions.
 
     Args:
         run: Run directory (default: the most recent run in ``out``).
@@ -159,17 +187,28 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
         cfg: Export settings to start from instead of the run recipe's ``export`` section.
         quiet: With no ``log``, False prints the progress lines.
         check: Raise after recording when a quantization failed or a file misses the tolerance.
+        sensitivity: Measure every layer's int8 sensitivity on the validation split.
+        max_drop: Accuracy budget in points for mixed-precision files (overrides ``export.max_drop``).
     """
+    from edgekd.export.mixed import MCU, MCU_NOTE, check_named_files, mixed_entries, run_mixed
+    from edgekd.quant.mixed import check_max_drop
     from edgekd.run_dir import resolve_run
 
     log = log or (print if not quiet else (lambda _msg: None))
     wanted = parse_precisions(precisions, "--precision") if precisions is not None else None
+    budget = check_max_drop(max_drop) if max_drop is not None else None
     rd = run if isinstance(run, RunDir) else resolve_run(run, out)
     cfg = merge_export_config(rd, load_run_recipe(rd), cfg, quantize=wanted, int8_io=int8_io,
-                              calibration_method=calibration_method)
-    if not cfg.quantize:
+                              calibration_method=calibration_method, max_drop=budget)
+    flags = sensitivity or budget is not None
+    todo = (wanted or []) if flags else cfg.quantize
+    budget = budget if flags else cfg.max_drop
+    if not todo and not flags and budget is None:
         raise ExportError("no precision to quantize to", "pass --precision int8 (or fp16, dynamic)")
+    if flags and files:
+        check_named_files(files, "--max-drop" if budget is not None else "--sensitivity")
     chosen = _fp32_files(rd, files)
+    mixed = mixed_entries(chosen, files) if flags or budget is not None else []
     check_writable(rd)
     session = ExportSession(rd, cfg, verify, log)
     targets: dict[str, Target] = {}
@@ -180,10 +219,18 @@ def run_quantize(run: str | os.PathLike | RunDir | None = None, out: str | os.Pa
 
     def work() -> None:
         for e in chosen:
-            if e["model"] not in targets:
-                targets[e["model"]] = _target_for(rd, e["model"])
-            for precision in cfg.quantize:
-                writer.quantize(targets[e["model"]], backend_for(e["file"], e), precision, e)
+            for precision in todo:
+                writer.quantize(target(e["model"]), backend_for(e["file"], e), precision, e)
+        if mixed:
+            if budget is not None and MCU in cfg.formats:
+                log(MCU_NOTE)
+            report.extra["sensitivity"] = run_mixed(session, writer, mixed, target, sensitivity=sensitivity,
+                                                    max_drop=budget)
+
+    def target(model: str) -> Target:
+        if model not in targets:
+            targets[model] = _target_for(rd, model)
+        return targets[model]
 
     run_and_record(work, rd, "quantize", report, session, writer, t0)
     if check:

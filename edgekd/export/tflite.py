@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from edgekd.errors import ExportError
-from edgekd.export.backends import ExportBackend, QuantizeJob, register_backend
+from edgekd.export.backends import MIXED, ExportBackend, QuantizeJob, register_backend
 from edgekd.export.common import conversion_error, quiet
 from edgekd.run_dir import atomic_path
 
@@ -475,7 +475,8 @@ class TFLiteBackend(ExportBackend):
 
     name = "tflite"
     suffix = ".tflite"
-    routes = {"fp32": (ROUTE_FP32,), "fp16": (ROUTE_AEQ,), "int8": TFLITE_ROUTES, "dynamic": TFLITE_DYNAMIC_ROUTES}
+    routes = {"fp32": (ROUTE_FP32,), "fp16": (ROUTE_AEQ,), "int8": TFLITE_ROUTES, "dynamic": TFLITE_DYNAMIC_ROUTES,
+              MIXED: ("ai-edge-quantizer-selective",)}
     qat_route = ROUTE_QAT
     Settings = TFLiteSettings
     tools = ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torchao")
@@ -503,6 +504,20 @@ class TFLiteBackend(ExportBackend):
                           nhwc=job.layout == "NHWC", io_type=io_type, what=job.what)
             return route
         return super().quantize(route, job)
+
+    def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
+                  settings: Any) -> Any:
+        from edgekd.quant.selective import TFLiteSelective
+
+        return TFLiteSelective(fp32_path, calibration, layout, normalization, silence=quiet)
+
+    def finish_mixed(self, path: Path, settings: Any) -> None:
+        """The int8 I/O type of ``export.tflite.int8_io`` where the mixed file's ends are int8 (as int8 files)."""
+        data = path.read_bytes()
+        if settings.int8_io == "int8" or not has_int8_io(data):
+            return
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(retype_io(data, settings.int8_io))
 
     def write_qat(self, qat_model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, settings: Any,
                   what: str) -> str:
