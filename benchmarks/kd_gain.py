@@ -214,6 +214,8 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved JSON")
     ap.add_argument("--target", type=float, default=0.75, help="share of the scratch->teacher gap KD should close "
                                                               "(stated beside the result)")
+    ap.add_argument("--reuse-cost", action="store_true", help="take the epoch-cost comparison from the --out "
+                    "folder's kd_gain.json (an earlier invocation) instead of measuring it again")
     ap.add_argument("--cost-from", default=None, metavar="RUN",
                     help="only measure the epoch cost with the teacher of this finished seed run, then write the "
                          "results from the rows saved so far (kd_gain.partial.json)")
@@ -249,7 +251,13 @@ def main() -> None:
                 rows.append(run_seed(args.recipe, args.overrides, s, work))
                 _save_partial(Path(args.out), rows)
         recipe = cost_recipe(args, args.seeds[0])
-        cost = epoch_cost(recipe, Path(rows[0]["run"]) / "teacher.pt", Path(tmp))
+        saved = Path(args.out) / "kd_gain.json"
+        if args.reuse_cost and saved.is_file():  # measured by an earlier invocation: say when, under what load
+            cost = json.loads(saved.read_text())["epoch_cost"]
+            cost.setdefault("measured", "by an earlier invocation of this script")
+        else:
+            cost = epoch_cost(recipe, Path(rows[0]["run"]) / "teacher.pt", Path(tmp))
+            cost["measured"] = f"{time.strftime('%Y-%m-%d %H:%M %Z')}, load {os.getloadavg()[0]:.1f}"
         print(f"epoch cost, side by side ({cost['epochs_each']} epochs each): plain "
               f"{cost['plain_epoch_s']:.3f} s, KD {cost['kd_epoch_s']:.3f} s, ratio {cost['ratio']:.3f}; "
               f"teacher cache {cost['cache_seconds']:.2f} s once per run", flush=True)
@@ -320,11 +328,11 @@ def write_table(out: Path) -> None:
         f"{cost['kd_epoch_s']:.3f} s vs {cost['plain_epoch_s']:.3f} s, medians of {cost['epochs_each']} epochs "
         f"each, alternating plain and KD in one process ({cost['threads']} torch thread(s)); building the cache "
         f"({cost.get('cache_views', 1)} view(s) of every training sample, {cost.get('cache_bytes', 0) / 1e6:.2f} MB "
-        f"on disk) costs {cost['cache_seconds']:.2f} s once per run. Load average (1 min) at the end of each seed "
-        f"run: {loads}{_cores(saved)}, this benchmark's own processes included. (Inside the seed runs above, "
-        f"where the baseline and "
-        f"the KD student train one after the other, the ratio was {summary['epoch_ratio'][0]:.2f} ± "
-        f"{summary['epoch_ratio'][1]:.2f}.)",
+        f"on disk) costs {cost['cache_seconds']:.2f} s once per run"
+        + (f" (measured {cost['measured']})" if cost.get("measured") else "") + ". Load average (1 min) at the end "
+        f"of each seed run: {loads}{_cores(saved)}, this benchmark's own processes included. (Inside the seed runs "
+        f"above, the ratio of the KD student's to the baseline's median epoch time was "
+        f"{summary['epoch_ratio'][0]:.2f} ± {summary['epoch_ratio'][1]:.2f}.)",
     ]
     md += ["", provenance.markdown(saved.get("provenance"))]
     saved["summary"] = summary
