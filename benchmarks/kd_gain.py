@@ -120,10 +120,14 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
     import torch
 
     recipe = load_recipe(recipe_arg, with_seed(overrides, seed), seed=seed, name=f"kdgain-{seed}")
-    rd = finished_run(recipe, Path(work)) or run_distill(recipe, out=work, quiet=True)
+    reused = finished_run(recipe, Path(work))
+    rd = reused or run_distill(recipe, out=work, quiet=True)
     m = rd.metrics()
+    ckpt = recipe.teacher.checkpoint and Path(recipe.teacher.checkpoint).parent / "metrics.json"
+    if "val_accuracy" not in m["teacher"] and ckpt and ckpt.is_file():  # a teacher an earlier edgekd run trained
+        m["teacher"]["val_accuracy"] = json.loads(ckpt.read_text())["teacher"].get("val_accuracy")
     row = {"seed": seed, **{k: m[k]["test_accuracy"] for k in ("teacher", "baseline", "student")},
-           **{f"{k}_val": m[k]["val_accuracy"] for k in ("teacher", "baseline", "student")},
+           **{f"{k}_val": m[k].get("val_accuracy") for k in ("teacher", "baseline", "student")},
            "kd_epoch_s": m["student"]["epoch_seconds_median"],
            "plain_epoch_s": m["baseline"]["epoch_seconds_median"],
            "teacher_params": m["teacher"]["params"], "student_params": m["student"]["params"],
@@ -132,10 +136,10 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
            "run": str(rd.path)}
     row["gap_closed"] = gap_closed(row["teacher"], row["baseline"], row["student"])
     row["epoch_ratio"] = row["kd_epoch_s"] / row["plain_epoch_s"]
-    row["load_avg_1m"] = os.getloadavg()[0]
+    row["load_avg_1m"] = float("nan") if reused else os.getloadavg()[0]  # not known for an earlier invocation's run
     row["threads"] = torch.get_num_threads()
     print(f"seed {seed}: teacher {row['teacher']:.4f}  scratch {row['baseline']:.4f}  "
-          f"KD {row['student']:.4f}  gap closed {row['gap_closed']:.0%}  (val: {row['teacher_val']:.3f} / "
+          f"KD {row['student']:.4f}  gap closed {row['gap_closed']:.0%}  (val: {row['teacher_val'] or float('nan'):.3f} / "
           f"{row['baseline_val']:.3f} / {row['student_val']:.3f})  load {row['load_avg_1m']:.1f}", flush=True)
     return row
 
@@ -330,7 +334,8 @@ def write_table(out: Path) -> None:
         f"({cost.get('cache_views', 1)} view(s) of every training sample, {cost.get('cache_bytes', 0) / 1e6:.2f} MB "
         f"on disk) costs {cost['cache_seconds']:.2f} s once per run"
         + (f" (measured {cost['measured']})" if cost.get("measured") else "") + ". Load average (1 min) at the end "
-        f"of each seed run: {loads}{_cores(saved)}, this benchmark's own processes included. (Inside the seed runs "
+        f"of each seed run: {loads}{_cores(saved)}, this benchmark's own processes included (nan: a seed run an "
+        f"earlier invocation finished). (Inside the seed runs "
         f"above, the ratio of the KD student's to the baseline's median epoch time was "
         f"{summary['epoch_ratio'][0]:.2f} ± {summary['epoch_ratio'][1]:.2f}.)",
     ]
