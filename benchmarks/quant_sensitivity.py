@@ -157,7 +157,7 @@ def _pct(v: float | None) -> str:
 
 
 def markdown(results: list[dict], settings: dict, prov: dict) -> str:
-    from edgekd.provenance import markdown as provenance_markdown
+    from edgekd import provenance
 
     lines = ["# Mixed precision within an accuracy budget (`edgekd quantize --max-drop`)", "",
              f"Budget {settings['budget']} points on the validation split; Fashion-MNIST, data.limit "
@@ -181,7 +181,7 @@ def markdown(results: list[dict], settings: dict, prov: dict) -> str:
             lines.append(f"| {s['format']} | {s['int8_drop_points']:+.2f} | {_pct(s['recovered'])} | "
                          f"{_pct(s['size_reduction_kept'])} | {'yes' if s['meets_target'] else 'no'} |")
         lines.append("")
-    return "\n".join(lines) + "\n" + provenance_markdown(prov)
+    return "\n".join(lines) + "\n" + provenance.markdown(prov)
 
 
 def main() -> None:
@@ -193,9 +193,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    from edgekd.provenance import start
+    from edgekd import provenance
 
-    prov = start(threads=1)
+    prov = provenance.start(threads=1)
     with tempfile.TemporaryDirectory(prefix="quant-sensitivity-") as tmp:
         results = []
         for key in args.models:
