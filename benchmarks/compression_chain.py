@@ -47,7 +47,7 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
     seed = _seed_of(run)
     dest = Path(work) / src.name
     earlier = json.loads((dest / ROW_FILE).read_text()) if (dest / ROW_FILE).is_file() else None
-    if earlier and "latency" in earlier:  # this seed's chain finished in an earlier invocation with this --work
+    if earlier:  # this seed's chain finished in an earlier invocation with this --work
         return earlier
     if not dest.exists():  # else an earlier invocation's copy: the pipeline skips the stages it finished
         shutil.copytree(src, dest)
@@ -83,8 +83,6 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
     for key, name in files.items():
         row[key] = m.get(name, {}).get("test_accuracy")
     row["latency"] = _latency(rd, ["teacher_fp32.tflite", f"{model}_fp32.tflite", files["ptq"], row["shipped_file"]])
-    if earlier:  # a row of an older version of this script: the timing is the earlier invocation's
-        row.update(seconds=earlier["seconds"], load_avg_1m=earlier["load_avg_1m"])
     (dest / ROW_FILE).write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row), flush=True)
     return row
