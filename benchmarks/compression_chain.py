@@ -71,7 +71,7 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
     model = PRUNED_STUDENT if PRUNED_STUDENT in m else "student"
     files = {k: v.format(model=model) for k, v in FILES.items()}
     mcu = {r.file: r.extra["mcu"] for r in ValidationResult.read(rd).rows if isinstance(r.extra.get("mcu"), dict)}
-    row = {"run": str(src), "seed": seed, "teacher": m["teacher"]["test_accuracy"],
+    row = {"run": provenance.repo_path(src), "seed": seed, "teacher": m["teacher"]["test_accuracy"],
            "scratch": m["baseline"]["test_accuracy"], "student": m["student"]["test_accuracy"],
            "pruned": m.get(PRUNED_STUDENT, {}).get("test_accuracy"),
            "mac_reduction": m.get(PRUNED_STUDENT, {}).get("mac_reduction"),

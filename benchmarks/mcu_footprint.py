@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
     m = entry["mcu"]
     result = {
-        "run": str(run), "int8_file": int8[0]["file"], "int8_bytes": int8[0]["size_bytes"], "mcu_file": entry["file"],
+        "run": provenance.repo_path(run), "int8_file": int8[0]["file"], "int8_bytes": int8[0]["size_bytes"],
+        "mcu_file": entry["file"],
         "io": args.io, "n_eval": int(len(y)), "mcu_export_seconds": round(seconds, 2),
         **{k: m[k] for k in ("flash_bytes", "arena_used_bytes", "arena_min_bytes", "arena_firmware_bytes",
                              "tflm_accuracy", "litert_accuracy", "tflm_litert_agreement", "ops", "runtime")},

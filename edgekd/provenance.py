@@ -69,23 +69,29 @@ def git_state(root: str | os.PathLike = REPO) -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
+def repo_path(arg: str | os.PathLike, root: str | os.PathLike = REPO) -> str:
+    """``arg`` relative to ``root`` when it is a path inside it; a path outside it keeps only its last two parts
+    (a results file must not hold this machine's folders); anything else unchanged."""
+    arg = str(arg)
+    p = Path(arg)
+    if not (p.is_absolute() or p.exists()):
+        return arg
+    try:
+        root = Path(root).resolve()
+        if p.resolve().is_relative_to(root):
+            return Path(os.path.relpath(p.resolve(), root)).as_posix()
+    except (OSError, ValueError):
+        return arg
+    return Path(*p.parts[-2:]).as_posix() if p.is_absolute() else arg
+
+
 def command_line(argv: list[str] | None = None, root: str | os.PathLike = REPO) -> str:
     """The command as one shell line: ``python`` and the script, with paths inside ``root`` made relative to it."""
     argv = list(sys.argv if argv is None else argv)
-    root = Path(root).resolve()
-
-    def rel(arg: str) -> str:
-        p = Path(arg)
-        if not (p.is_absolute() or p.exists()):
-            return arg
-        try:
-            return Path(os.path.relpath(p.resolve(), root)).as_posix() if p.resolve().is_relative_to(root) else arg
-        except (OSError, ValueError):
-            return arg
-
     script = argv[0] if argv else ""
-    head = ["python", "-m", "pytest"] if script.endswith(("pytest", "pytest/__main__.py")) else ["python", rel(script)]
-    return shlex.join(head + [rel(a) for a in argv[1:]])
+    head = (["python", "-m", "pytest"] if script.endswith(("pytest", "pytest/__main__.py"))
+            else ["python", repo_path(script, root)])
+    return shlex.join(head + [repo_path(a, root) for a in argv[1:]])
 
 
 def _threads(threads: Any) -> dict[str, Any]:
