@@ -90,14 +90,17 @@ def chain(run: str, recipe_arg: str | None, overrides: list[str], qat_epochs: in
 
 def _latency(rd, names: list[str | None]) -> dict:
     """Size and batch-1 p50 (ms) of these files in their first runtime at 1 thread, from the run's bench."""
-    report = json.loads((rd / "report.json").read_text()) if (rd / "report.json").is_file() else {"rows": []}
+    from edgekd.results import BenchReport
+
+    if not (rd / "report.json").is_file():  # a recipe without a bench section
+        return {}
+    report = BenchReport.read(rd)
     out = {}
     for name in filter(None, names):
-        rows = [r for r in report["rows"] if r["file"] == name and r["threads"] == 1]
-        if rows:
-            r = rows[0]
-            out[name] = {"runtime": r["runtime"], "p50_ms": r["p50_ms"], "size_bytes": r["size_bytes"],
-                         "loadavg_1m": r.get("loadavg_1m")}
+        r = next((b for b in report.rows if b.file == name and b.threads == 1), None)
+        if r is not None:
+            out[name] = {"runtime": r.runtime, "p50_ms": r.p50_ms, "size_bytes": r.size_bytes,
+                         "loadavg_1m": r.loadavg_1m}
     return out
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError, RecipeError, RunDirError
-from edgekd.recipe import (LATER_SECTIONS, Recipe, ValidateConfig, distill_part, load_recipe, save_recipe,
-                           without_execution_keys)
+from edgekd.recipe import Recipe, ValidateConfig, distill_part, load_recipe, save_recipe, without_execution_keys
 from edgekd.results import (BudgetCheck, DistillResult, PruneResult, ReportResult, ValidationResult,
                             check_budgets)
 from edgekd.run_dir import MANIFEST, RunDir
@@ -31,8 +30,6 @@ from edgekd.run_dir import MANIFEST, RunDir
 log = logging.getLogger(__name__)
 
 STAGES = ("distill", "prune", "export", "qat", "validate", "bench", "report")
-# Recipe keys the distill stage does not read: they may change without retraining.
-_LATER_SECTIONS = LATER_SECTIONS
 
 
 def _section_sha(recipe: Recipe, stage: str) -> str:
