@@ -36,8 +36,13 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 RUNTIME = {"tflite": "litert", "onnx": "onnxruntime"}
-# The models (how they were found: see the README of this benchmark's results, and the report).
+# The models (how they were found: benchmarks/README.md). "weights": export.<tflite|onnx>.int8_weights.
 MODELS = {
+    "mbv2_pt": {"about": "MobileNetV2 width 0.35, 4 stages, stem stride 2, 256 last channels; 15 KD epochs; "
+                         "per-tensor int8 weights",
+                "student": {"model": "mobilenetv2", "kwargs": {"width_mult": 0.35, "stages": 4, "stem_stride": 2,
+                                                               "last_channels": 256}},
+                "epochs": 15, "weights": "per_tensor"},
     "mbv2": {"about": "MobileNetV2 width 0.35, 4 stages, stem stride 2, 256 last channels; 3 KD epochs",
              "student": {"model": "mobilenetv2", "kwargs": {"width_mult": 0.35, "stages": 4, "stem_stride": 2,
                                                             "last_channels": 256}},
@@ -56,7 +61,9 @@ def recipe_for(name: str, spec: dict, limit: int, seed: int) -> dict:
                         "loss": {"name": "kd", "temperature": 4.0, "alpha": 0.5}},
             # The benchmark reads the figures; loose tolerances keep a lossy int8 file from failing the stage.
             "export": {"formats": ["onnx", "tflite"], "quantize": ["int8"], "teacher": False,
-                       "tflite_app": {"enabled": False}, "tolerance": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}}
+                       "tflite_app": {"enabled": False}, "tolerance": {"min_agreement": 0.0, "max_accuracy_drop": 1.0},
+                       "tflite": {"int8_weights": spec.get("weights", "per_channel")},
+                       "onnx": {"int8_weights": spec.get("weights", "per_channel")}}}
 
 
 def full_int8_tflite(rd: Path, out: Path) -> None:
@@ -70,8 +77,9 @@ def full_int8_tflite(rd: Path, out: Path) -> None:
     run = RunDir(rd)
     session = ExportSession(run, load_run_recipe(run).export, verify=False, log=lambda _m: None)
     meta = json.loads((rd / "data.json").read_text())
+    weights = load_run_recipe(run).export.backend_sections().get("tflite", {}).get("int8_weights", "per_channel")
     with TFLiteSelective(rd / "student_fp32.tflite", session.calibration(), "NCHW", meta["normalization"],
-                         silence=quiet) as route:
+                         silence=quiet, per_channel=weights == "per_channel") as route:
         route.write(out)
     data = out.read_bytes()
     if has_int8_io(data):

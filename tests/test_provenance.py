@@ -119,3 +119,20 @@ def test_kd_gain_table_states_the_measured_load_and_its_provenance(tmp_path: Pat
     assert f"run: 0.2, 3.5 on {block['cores']} cores, this benchmark's own processes included" in md
     assert "shared with other work" not in md
     assert provenance.markdown(block) in md and "`python benchmarks/kd_gain.py --seeds 0 1`" in md
+
+
+COMMITTED = sorted((REPO / "benchmarks" / "results").rglob("*.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(REPO / "benchmarks" / "results")))
+def test_every_committed_results_file_records_its_provenance(path: Path):
+    """A results file without its command, commit, machine and load is not evidence: rerun it or remove it."""
+    data = json.loads(path.read_text())
+    block = data.get("provenance") if isinstance(data, dict) else None
+    assert block, f"{path.name} has no provenance block"
+    for key in ("command", "commit", "cpu_model", "versions", "threads", "load_before", "load_after", "date"):
+        assert key in block, f"{path.name}: provenance lacks {key}"
+    assert not re.search(r"(^|[\s'\"])/(work|tmp|home|root)/", json.dumps(data)), f"{path.name} holds a machine path"
+    md = path.with_suffix(".md")
+    if md.is_file():
+        assert "## Provenance" in md.read_text() and block["command"] in md.read_text()

@@ -264,3 +264,65 @@ def test_export_budget_needs_a_format_with_a_mixed_route(tiny_run, tmp_path):
     assert res.exit_code == 2, res.output
     assert "npzmodel has no mixed-precision route" in res.output and len(res.output.strip().splitlines()) == 1
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def _tflite_weight_scales(path: Path) -> dict[str, int]:
+    """Per int8 weight tensor of a .tflite file (input 1 of a conv or fully connected op): its number of scales."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    out = {}
+    for op in it._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") and len(op["inputs"]) > 1:
+            w = tensors[op["inputs"][1]]
+            if w["dtype"] == np.int8:
+                out[w["name"]] = len(w["quantization_parameters"]["scales"])
+    return out
+
+
+def _onnx_weight_scale_ranks(path: Path) -> list[int]:
+    """Rank of the scale of every DequantizeLinear that dequantizes an initializer (the weights)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    ranks = []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == onnx.TensorProto.INT8:
+            ranks.append(len(inits[node.input[1]].dims))
+    return ranks
+
+
+def test_per_tensor_weights_give_one_scale_per_weight_tensor(int8_run, tmp_path):
+    """export.<tflite|onnx>.int8_weights: per_tensor writes int8 and mixed files whose weights have one scale each
+    (the default files have one per output channel), records it in metadata, and the budget search runs on it."""
+    per_channel_tfl = _tflite_weight_scales(int8_run / "student_int8.tflite")
+    assert per_channel_tfl and max(per_channel_tfl.values()) > 1
+    assert max(_onnx_weight_scale_ranks(int8_run / "student_int8.onnx")) == 1
+    run = _copy(int8_run, tmp_path / "run")
+    res = CliRunner().invoke(cli, ["quantize", "--run", str(run), "--precision", "int8", "--max-drop", "100", "-q",
+                                   "--set", "export.tflite.int8_weights=per_tensor",
+                                   "--set", "export.onnx.int8_weights=per_tensor"])
+    assert res.exit_code == 0, res.output
+    meta = {e["file"]: e for e in json.loads((run / "metadata.json").read_text())["models"]}
+    for name in ("student_int8.tflite", "student_mixed.tflite", "student_int8.onnx", "student_mixed.onnx"):
+        assert meta[name]["int8_weights"] == "per_tensor", name
+    for name in ("student_int8.tflite", "student_mixed.tflite"):
+        scales = _tflite_weight_scales(run / name)
+        assert scales and set(scales.values()) == {1}, (name, scales)
+    for name in ("student_int8.onnx", "student_mixed.onnx"):
+        ranks = _onnx_weight_scale_ranks(run / name)
+        assert ranks and set(ranks) == {0}, (name, ranks)
+    sens = json.loads((run / "quant_sensitivity.json").read_text())["files"]
+    assert sens["student_fp32.onnx"]["backend_settings"]["int8_weights"] == "per_tensor"
+
+
+def test_an_unknown_weight_scheme_is_refused(int8_run, tmp_path):
+    run = _copy(int8_run, tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    res = CliRunner().invoke(cli, ["quantize", "--run", str(run), "--set", "export.onnx.int8_weights=per_layer"])
+    assert res.exit_code == 2, res.output
+    assert "int8_weights" in res.output and "per_tensor" in res.output and len(res.output.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before

@@ -34,7 +34,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -50,6 +50,13 @@ QAT_TAG = "qat"  # file-name tag of quantization-aware-trained files: <model>_in
 # int8 except the most int8-sensitive layers, kept float within an accuracy budget (export.max_drop): a route of
 # the backends whose quantizer can leave chosen layers float (:meth:`ExportBackend.selective`).
 MIXED = "mixed"
+
+
+# ``export.<backend>.int8_weights`` of the backends that offer both (tflite, onnx).
+Int8Weights = Literal["per_channel", "per_tensor"]
+INT8_WEIGHTS_HELP = ("int8 weight scales of post-training int8, dynamic and mixed files: per_channel, or per_tensor "
+                     "(what some NPUs and DSPs require; loses more accuracy, most on depthwise convolutions). QAT "
+                     "files keep per-channel weights")
 
 
 class NoSettings(BaseModel):

@@ -191,7 +191,8 @@ def _write_mixed(s: Any, writer: Any, backend: ExportBackend, fp32_entry: dict[s
     backend.finalize(path, s)
     entry = meta_mod.build_entry(path, fp32_entry["model"], MIXED, fp32_entry["input"]["layout"], s.norm,
                                  s.labels, backend.routes[MIXED][0], backend=backend, source=fp32_entry["file"],
-                                 float_layers=[layer.name for layer in result.float_layers])
+                                 float_layers=[layer.name for layer in result.float_layers],
+                                 int8_weights=getattr(s.settings(backend), "int8_weights", "per_channel"))
     numbers = s.measure(path, entry, target) if s.verify else None
     problem = parity.problem(numbers, MIXED, s.cfg.tolerance) if numbers else None
     if not result.fits:

@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from edgekd.errors import ExportError
-from edgekd.export.backends import MIXED, ExportBackend, QuantizeJob, register_backend
+from edgekd.export.backends import (INT8_WEIGHTS_HELP, MIXED, ExportBackend, Int8Weights, QuantizeJob,
+                                    register_backend)
 from edgekd.export.common import conversion_error, quiet
 from edgekd.run_dir import atomic_path
 
@@ -140,16 +141,17 @@ class _Reader:
 
 
 def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, calib: np.ndarray | None = None,
-                  method: str = "minmax") -> str:
+                  method: str = "minmax", per_channel: bool = True) -> str:
     """Quantize a fp32 ONNX file with ONNX Runtime's tools.
 
     Args:
         fp32_path: The fp32 file written by :func:`export_onnx`.
         out_path: Destination; written atomically.
-        precision: ``int8`` (static QDQ, per-channel weights, calibrated), ``dynamic`` (dynamic int8) or
+        precision: ``int8`` (static QDQ, calibrated), ``dynamic`` (dynamic int8) or
             ``fp16`` (float16 weights and compute, float32 inputs/outputs).
         calib: Normalized calibration inputs (``int8`` only).
         method: Calibration method: ``minmax``, ``entropy`` or ``percentile``.
+        per_channel: int8 weights with a scale per output channel (else one per tensor).
 
     Returns:
         The route name.
@@ -192,12 +194,12 @@ def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, calib: np.nda
                     if calib is None or not len(calib):
                         raise ExportError("static int8 needs calibration samples")
                     quantize_static(str(pre), str(result), _Reader(calib, proto.graph.input[0].name),
-                                    quant_format=QuantFormat.QDQ, per_channel=True,
+                                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                     calibrate_method=methods[method])
                     route = ROUTE_INT8
                 elif precision == "dynamic":
-                    quantize_dynamic(str(pre), str(result), weight_type=QuantType.QInt8, per_channel=True)
+                    quantize_dynamic(str(pre), str(result), weight_type=QuantType.QInt8, per_channel=per_channel)
                     route = ROUTE_DYNAMIC
                 else:
                     raise ExportError(f"unknown precision {precision!r} for ONNX")
@@ -331,10 +333,11 @@ def write_qat_onnx(converted: nn.Module, sample: torch.Tensor, path: Path, *, wh
 
 
 class OnnxSettings(BaseModel):
-    """``export.onnx``: how ONNX Runtime calibrates static int8 files."""
+    """``export.onnx``: how ONNX Runtime calibrates static int8 files, and their weight scales."""
 
     model_config = ConfigDict(extra="forbid")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    int8_weights: Int8Weights = Field("per_channel", description=INT8_WEIGHTS_HELP)
 
 
 class OnnxBackend(ExportBackend):
@@ -356,14 +359,15 @@ class OnnxBackend(ExportBackend):
 
     def quantize(self, route: str, job: QuantizeJob) -> str:
         return quantize_onnx(job.fp32_path, job.path, job.precision, job.calibration,
-                             job.settings.calibration_method)
+                             job.settings.calibration_method,
+                             per_channel=job.settings.int8_weights == "per_channel")
 
     def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
                   settings: Any) -> Any:
         from edgekd.quant.selective import OnnxSelective
 
         return OnnxSelective(fp32_path, calibration, layout, normalization, method=settings.calibration_method,
-                             silence=quiet)
+                             silence=quiet, per_channel=settings.int8_weights == "per_channel")
 
     def write_qat(self, qat_model: nn.Module, sample: torch.Tensor, path: Path, *, layout: str, settings: Any,
                   what: str) -> str:

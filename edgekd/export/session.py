@@ -356,6 +356,8 @@ class FileWriter:
         others = [a for a in attempts if not a.startswith(entry["route"] + ":")]
         if others:  # what the other routes did, so a reader sees why this route's file was kept
             entry["routes_tried"] = others
+        if precision in ("int8", "dynamic") and getattr(job.settings, "int8_weights", None):
+            entry["int8_weights"] = job.settings.int8_weights
         extra: dict[str, Any] = {}
         if problem:
             div = s.divergence(path, entry, fp32_path, fp32_entry)

@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from edgekd.errors import ExportError
-from edgekd.export.backends import MIXED, ExportBackend, QuantizeJob, register_backend
+from edgekd.export.backends import (INT8_WEIGHTS_HELP, MIXED, ExportBackend, Int8Weights, QuantizeJob,
+                                    register_backend)
 from edgekd.export.common import conversion_error, quiet
+from edgekd.quant.selective import weight_granularity
 from edgekd.run_dir import atomic_path
 
 ROUTE_FP32 = "litert-torch"
@@ -134,7 +136,7 @@ def dynamic_recipe(base: list[dict]) -> list[dict]:
 
 
 def quantize_aeq(fp32_path: Path, out_path: Path, precision: str, calib: np.ndarray | None,
-                 io_type: str = "float32") -> None:
+                 io_type: str = "float32", per_channel: bool = True) -> None:
     """Quantize a fp32 .tflite file with ai-edge-quantizer.
 
     Args:
@@ -143,6 +145,7 @@ def quantize_aeq(fp32_path: Path, out_path: Path, precision: str, calib: np.ndar
         precision: ``int8`` (static, full integer), ``dynamic`` (dynamic-range int8 weights) or ``fp16``.
         calib: Normalized calibration inputs in the file's layout (``int8`` only).
         io_type: ``int8`` only: ``float32``, ``int8`` or ``uint8`` model inputs/outputs.
+        per_channel: int8 weights with a scale per output channel (else one per tensor).
     """
     with quiet():
         from ai_edge_quantizer import qtyping, quantizer, recipe
@@ -151,9 +154,9 @@ def quantize_aeq(fp32_path: Path, out_path: Path, precision: str, calib: np.ndar
     data = _read_tflite(fp32_path)
     q = quantizer.Quantizer(data)
     if precision == "int8":
-        q.load_quantization_recipe(recipe.static_wi8_ai8())
+        q.load_quantization_recipe(weight_granularity(recipe.static_wi8_ai8(), per_channel))
     elif precision == "dynamic":
-        q.load_quantization_recipe(dynamic_recipe(recipe.dynamic_wi8_afp32()))
+        q.load_quantization_recipe(weight_granularity(dynamic_recipe(recipe.dynamic_wi8_afp32()), per_channel))
     elif precision == "fp16":
         q.add_weight_only_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 16,
                                  algorithm_key=AlgorithmName.FLOAT_CASTING)
@@ -178,7 +181,7 @@ def quantize_aeq(fp32_path: Path, out_path: Path, precision: str, calib: np.ndar
 
 def quantize_pt2e(model: nn.Module, sample: torch.Tensor, out_path: Path, precision: str,
                   calib: np.ndarray | None, *, nhwc: bool = False, io_type: str = "float32",
-                  what: str = "the model") -> None:
+                  what: str = "the model", per_channel: bool = True) -> None:
     """Quantize the PyTorch graph with PT2E and convert it with litert-torch.
 
     Args:
@@ -190,6 +193,7 @@ def quantize_pt2e(model: nn.Module, sample: torch.Tensor, out_path: Path, precis
         nhwc: Make the file take channels-last input.
         io_type: ``int8`` only: ``float32``, ``int8`` or ``uint8`` model inputs/outputs.
         what: Name of the model for error messages.
+        per_channel: int8 weights with a scale per output channel (else one per tensor).
     """
     with quiet():  # torchao warns about optional CUDA kernels on import
         import litert_torch
@@ -207,7 +211,7 @@ def quantize_pt2e(model: nn.Module, sample: torch.Tensor, out_path: Path, precis
             try:
                 graph = torch.export.export(file_model, (file_sample,)).module()
                 quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-                    pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+                    pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic))
                 prepared = pt2e.prepare_pt2e(graph, quantizer)
                 move_exported_model_to_eval(prepared)
                 with torch.no_grad():
@@ -466,6 +470,7 @@ class TFLiteSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     nhwc: bool = Field(False, description="channels-last input (camera pipelines deliver NHWC)")
     int8_io: Literal["float32", "int8", "uint8"] = Field("float32", description="I/O of full-integer files")
+    int8_weights: Int8Weights = Field("per_channel", description=INT8_WEIGHTS_HELP)
 
 
 class TFLiteBackend(ExportBackend):
@@ -493,15 +498,16 @@ class TFLiteBackend(ExportBackend):
 
     def quantize(self, route: str, job: QuantizeJob) -> str:
         io_type = job.settings.int8_io
+        per_channel = job.settings.int8_weights == "per_channel"
         if route == ROUTE_AEQ:
             calib = job.calibration
             if calib is not None and job.layout == "NHWC":  # this route calibrates the file, in its layout
                 calib = np.ascontiguousarray(calib.transpose(0, 2, 3, 1))
-            quantize_aeq(job.fp32_path, job.path, job.precision, calib, io_type)
+            quantize_aeq(job.fp32_path, job.path, job.precision, calib, io_type, per_channel=per_channel)
             return route if job.precision != "fp16" else "ai-edge-quantizer-fp16"
         if route == ROUTE_PT2E:
             quantize_pt2e(job.model, job.sample, job.path, job.precision, job.calibration,
-                          nhwc=job.layout == "NHWC", io_type=io_type, what=job.what)
+                          nhwc=job.layout == "NHWC", io_type=io_type, what=job.what, per_channel=per_channel)
             return route
         return super().quantize(route, job)
 
@@ -509,7 +515,8 @@ class TFLiteBackend(ExportBackend):
                   settings: Any) -> Any:
         from edgekd.quant.selective import TFLiteSelective
 
-        return TFLiteSelective(fp32_path, calibration, layout, normalization, silence=quiet)
+        return TFLiteSelective(fp32_path, calibration, layout, normalization, silence=quiet,
+                               per_channel=settings.int8_weights == "per_channel")
 
     def finish_mixed(self, path: Path, settings: Any) -> None:
         """The int8 I/O type of ``export.tflite.int8_io`` where the mixed file's ends are int8 (as int8 files)."""

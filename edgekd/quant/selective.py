@@ -1,7 +1,8 @@
 """Selective int8 quantization of an exported fp32 file: any chosen set of layers int8, the rest float.
 
 Each route quantizes the file with its format's own post-training quantizer and the same settings as the full
-int8 route of the export (static int8 activations, per-channel int8 weights), and runs the results in that
+int8 route of the export (static int8 activations, int8 weights per channel, or per tensor where the backend's
+``int8_weights`` asks), and runs the results in that
 format's runtime, so what a measurement says is what the shipped file does:
 
 * ``tflite``: ai-edge-quantizer. Its recipe selects ops by a regex on the op's scope (its output tensor names
@@ -21,6 +22,7 @@ rankings can be read side by side.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import re
 import tempfile
@@ -59,6 +61,19 @@ class Layer:
     name: str
     op: str
     tensors: tuple[str, ...] = ()  # the op's output tensors (TFLite), for per-tensor comparisons
+
+
+def weight_granularity(recipe: list[dict], per_channel: bool) -> list[dict]:
+    """An ai-edge-quantizer recipe with per-tensor int8 weights everywhere when ``per_channel`` is false (a
+    per-tensor FULLY_CONNECTED entry stays per-tensor either way)."""
+    if per_channel:
+        return recipe
+    out = copy.deepcopy(recipe)
+    for entry in out:
+        weights = (entry.get("op_config") or {}).get("weight_tensor_config")
+        if weights:
+            weights["granularity"] = "TENSORWISE"
+    return out
 
 
 def module_path(tensor_name: str) -> tuple[str, str] | None:
@@ -103,6 +118,7 @@ class SelectiveRoute:
         layout: The file's input layout (``NCHW``, ``NHWC``, ``NF``).
         normalization: ``{"mean", "std"}`` of raw inputs (what the file's runtime entry carries).
         silence: A context manager factory that silences the tools' console output (default: none).
+        per_channel: int8 weights with a scale per output channel (else one per tensor).
     """
 
     format: ClassVar[str] = ""
@@ -111,8 +127,9 @@ class SelectiveRoute:
     runtime: ClassVar[str] = ""
 
     def __init__(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
-                 silence: Silence | None = None):
+                 silence: Silence | None = None, per_channel: bool = True):
         self.fp32_path = Path(fp32_path)
+        self.per_channel = per_channel
         self.layout = layout
         self.normalization = normalization
         self.silence = silence or contextlib.nullcontext
@@ -220,7 +237,7 @@ class TFLiteSelective(SelectiveRoute):
         """The ai-edge-quantizer recipe: static int8 everywhere but ``keep_float``, or on ``only``."""
         from ai_edge_quantizer import recipe
 
-        base = recipe.static_wi8_ai8()
+        base = weight_granularity(recipe.static_wi8_ai8(), self.per_channel)
         if only is not None:
             return [{**base[0], "regex": f"^{re.escape(k)}$"} for k in only]
         return base + [{"regex": f"^{re.escape(k)}$", "operation": "*", "algorithm_key": "no_quantize"}
@@ -369,8 +386,8 @@ class OnnxSelective(SelectiveRoute):
         try:
             with self.silence(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                quantize_static(str(self.pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                quantize_static(str(self.pre), str(out), reader, quant_format=QuantFormat.QDQ,
+                                per_channel=self.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=self.method, **kwargs)
         except Exception as e:
             raise ExportError(f"onnxruntime quantization failed on {self.fp32_path.name}: "
@@ -399,7 +416,7 @@ SELECTIVE_ROUTES: dict[str, type[SelectiveRoute]] = {"tflite": TFLiteSelective, 
 
 def selective_route(fmt: str, fp32_path: Path, calibration: np.ndarray, layout: str,
                     normalization: dict[str, Any], *, method: str = "minmax",
-                    silence: Silence | None = None) -> SelectiveRoute:
+                    silence: Silence | None = None, per_channel: bool = True) -> SelectiveRoute:
     """The selective int8 route of a format, calibrated on ``calibration`` (use it as a context manager).
 
     Raises:
@@ -410,4 +427,4 @@ def selective_route(fmt: str, fp32_path: Path, calibration: np.ndarray, layout: 
         raise ExportError(f"{fmt} has no mixed-precision route",
                           f"mixed int8/float files: {', '.join(SELECTIVE_ROUTES)}")
     kwargs: dict[str, Any] = {"method": method} if cls is OnnxSelective else {}
-    return cls(fp32_path, calibration, layout, normalization, silence=silence, **kwargs)
+    return cls(fp32_path, calibration, layout, normalization, silence=silence, per_channel=per_channel, **kwargs)
