@@ -285,7 +285,7 @@ def export_cmd(run: str | None, out: str, int8_io: str | None, calibration_metho
                    "layer int8 and with all but that layer int8, in each format's runtime "
                    "(RUN/quant_sensitivity.json; the top layers are printed).")
 @click.option("--max-drop", "max_drop", type=float, default=None, metavar="POINTS",
-              help="Write STUDENT_mixed.tflite/.onnx: the most sensitive layers kept float until the validation "
+              help="Write STUDENT_mixed.tflite/.onnx/.pte: the most sensitive layers kept float until the validation "
                    "accuracy is within POINTS percentage points of fp32 (default: the recipe's export.max_drop).")
 def quantize_cmd(run: str | None, out: str, int8_io: str | None, calibration_method: str | None, no_verify: bool,
                  overrides: tuple[str, ...], quiet: bool, precision: str | None, files: tuple[str, ...],

@@ -233,7 +233,7 @@ class ExportConfig(_Section):
     tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
     max_drop: Optional[float] = Field(None, ge=0, le=100,
                                       description="accuracy budget in percentage points: also write <model>_mixed "
-                                                  ".tflite/.onnx (route `mixed` of the tflite and onnx backends), the "
+                                                  ".tflite/.onnx/.pte (route `mixed` of the tflite, onnx and pte backends), the "
                                                   "most int8-sensitive layers kept float until the validation "
                                                   "accuracy is within it of the fp32 file's")
     sensitivity_samples: int = Field(1000, gt=0, description="validation samples the per-layer sensitivity and the "

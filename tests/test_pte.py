@@ -167,3 +167,52 @@ def test_qat_writes_a_qat_int8_pte(trained_run: Path, tmp_path: Path):
     assert entry["backend"] == "pte" and entry["route"] == "qat-executorch-xnnpack" and entry["verified"] is True
     m = json.loads((run / "metrics.json").read_text())["student_int8_qat.pte"]
     assert m["agreement"] >= 0.98 and m["qat"]["epochs"] == 1
+
+
+def test_max_drop_writes_a_mixed_pte_with_the_sensitive_layers_float(pte_run: Path, tmp_path: Path):
+    """`edgekd quantize --sensitivity --max-drop` on a run with .pte files: each module int8 alone and all but it
+    int8, run in ExecuTorch; then student_mixed.pte with the modules the search kept float left out of the PT2E
+    quantization (float XNNPACK kernels for them), verified on the test split like every file."""
+    run = tmp_path / "run"
+    shutil.copytree(pte_run, run)
+    res = _cli("quantize", "--run", str(run), "--sensitivity", "--max-drop", "0", "--file", "student_fp32.pte")
+    assert res.exit_code == 0, res.output
+    sens = json.loads((run / "quant_sensitivity.json").read_text())["files"]["student_fp32.pte"]
+    assert sens["runtime"] == "executorch"
+    names = {layer["name"] for layer in sens["layers"]}
+    assert {"classifier (Linear)", "features.0 (Conv2d)"} <= names
+    meta = {e["file"]: e for e in json.loads((run / "metadata.json").read_text())["models"]}
+    mixed = meta["student_mixed.pte"]
+    assert mixed["route"] == "executorch-xnnpack-pt2e-selective" and mixed["verified"] is True
+    assert set(mixed["float_layers"]) <= names
+    metrics = json.loads((run / "metrics.json").read_text())["student_mixed.pte"]
+    # A budget of 0 points: the search keeps layers float until validation accuracy is at least the fp32 file's.
+    assert metrics["mixed"]["fits"] is True and metrics["mixed"]["validation"]["drop_points"] <= 0
+    from edgekd.runtimes import runtime_for
+
+    x = np.load(run / "eval.npz")["x"][:64]
+    got = runtime_for(run / "student_mixed.pte", mixed, threads=1).predict(x)
+    assert got.shape == (64, 10) and np.isfinite(got).all()
+
+
+def test_pte_selective_route_leaves_the_chosen_modules_float(pte_run: Path, tmp_path: Path):
+    """Every module left float gives the fp32 program's logits; full int8 and one int8 module each differ."""
+    from edgekd.export.pte import PteSelective
+    from edgekd.models import load_model
+
+    entry = {e["file"]: e for e in json.loads((pte_run / "metadata.json").read_text())["models"]}["student_fp32.pte"]
+    calib = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    x = np.load(pte_run / "eval.npz")["x"][:64]
+    with PteSelective(pte_run / "student_fp32.pte", calib, "NCHW", entry["normalization"],
+                      model=load_model(pte_run / "student.pt"), sample=torch.from_numpy(calib[:1])) as route:
+        keys = [layer.key for layer in route.layers()]
+        assert "classifier" in keys and "features.0+features.1+features.2" in keys and "pool" in keys
+        out = {}
+        for name, kwargs in {"float": {"keep_float": keys}, "int8": {}, "one": {"only": ["classifier"]}}.items():
+            route.write(tmp_path / f"{name}.pte", **kwargs)
+            out[name] = route.logits(tmp_path / f"{name}.pte", x)
+        ref = route.logits(pte_run / "student_fp32.pte", x)
+    scale = np.abs(ref).max()
+    assert np.abs(out["float"] - ref).max() <= 1e-4 * scale
+    assert np.abs(out["int8"] - ref).max() > 1e-3 * scale
+    assert np.abs(out["one"] - ref).max() > 1e-3 * scale and np.abs(out["one"] - out["int8"]).max() > 1e-3 * scale

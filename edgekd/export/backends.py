@@ -244,9 +244,11 @@ class ExportBackend:
         raise ExportError(f"{self.name} has no QAT route")
 
     def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
-                  settings: Any) -> Any:
+                  settings: Any, *, model: nn.Module | None = None, sample: torch.Tensor | None = None) -> Any:
         """The ``mixed`` route: a :class:`edgekd.quant.selective.SelectiveRoute` over a fp32 file of this backend
-        that writes it with any chosen layers int8 and the rest float (use it as a context manager).
+        that writes it with any chosen layers int8 and the rest float (use it as a context manager). ``model``
+        and ``sample`` (the fp32 PyTorch model the file was made from, one normalized input) are for routes
+        that quantize the graph rather than the file.
 
         Raises:
             ExportError: The backend has no mixed route.

@@ -160,8 +160,9 @@ def run_mixed(session: Any, writer: Any, entries: list[dict[str, Any]], target_f
     lines: list[str] = []
     for e in entries:
         backend = backend_for(e["file"], e)
+        model = s.variant(target_for(e["model"]), backend.variant)
         with backend.selective(s.rd / e["file"], s.calibration(), e["input"]["layout"], s.norm,
-                               s.settings(backend)) as route:
+                               s.settings(backend), model=model, sample=s.sample()) as route:
             ev = Evaluator(route, x_val, y_val)
             stored = None if sensitivity else _stored_ranking(s, e, settings, route.layers())
             if stored is None:

@@ -363,7 +363,7 @@ class OnnxBackend(ExportBackend):
                              per_channel=job.settings.int8_weights == "per_channel")
 
     def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
-                  settings: Any) -> Any:
+                  settings: Any, **_graph: Any) -> Any:
         from edgekd.quant.selective import OnnxSelective
 
         return OnnxSelective(fp32_path, calibration, layout, normalization, method=settings.calibration_method,

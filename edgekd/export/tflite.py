@@ -512,7 +512,7 @@ class TFLiteBackend(ExportBackend):
         return super().quantize(route, job)
 
     def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
-                  settings: Any) -> Any:
+                  settings: Any, **_graph: Any) -> Any:
         from edgekd.quant.selective import TFLiteSelective
 
         return TFLiteSelective(fp32_path, calibration, layout, normalization, silence=quiet,
