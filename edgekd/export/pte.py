@@ -10,7 +10,8 @@ Routes:
 * QAT int8 (``qat-executorch-xnnpack``): the quantization-aware-trained graph, converted with folded weights
   and lowered (its learned scales, not calibrated again);
 * mixed (``executorch-xnnpack-pt2e-selective``, ``edgekd quantize --sensitivity / --max-drop``): the int8 route
-  with the quantizer's node filter leaving chosen modules (convolutions, linear layers) float.
+  with the quantizer's node filter leaving chosen layers float (a layer: a convolution or linear module with the
+  normalization and activation modules after it, or a pooling module; see :func:`module_layers`).
 
 Every operator must land in the XNNPACK delegate: a graph the partitioner leaves partly outside would run
 those operators on ExecuTorch's portable reference kernels, so it is refused, naming them. Files take float32
@@ -199,7 +200,8 @@ class PteBackend(ExportBackend):
     def selective(self, fp32_path: Path, calibration: np.ndarray, layout: str, normalization: dict[str, Any],
                   settings: Any, *, model: nn.Module | None = None, sample: torch.Tensor | None = None) -> Any:
         if model is None or sample is None:
-            raise ExportError(f"the pte mixed route quantizes the PyTorch model of {fp32_path.name}, which was not given")
+            raise ExportError(f"the pte mixed route quantizes the PyTorch model of {fp32_path.name}, "
+                              "which was not given")
         self.check_available()
         return PteSelective(fp32_path, calibration, layout, normalization, silence=quiet, model=model, sample=sample)
 
