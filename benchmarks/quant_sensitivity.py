@@ -73,18 +73,17 @@ def recipe_for(name: str, spec: dict, limit: int, seed: int) -> dict:
 
 def full_int8_tflite(rd: Path, out: Path) -> None:
     """Every layer int8 by ai-edge-quantizer (the mixed search's start), float32 I/O like the shipped files."""
-    from edgekd.export.common import quiet
+    from edgekd.export import get_backend
     from edgekd.export.session import ExportSession, load_run_recipe
     from edgekd.export.tflite import has_int8_io, retype_io
-    from edgekd.quant.selective import TFLiteSelective
     from edgekd.run_dir import RunDir
 
     run = RunDir(rd)
     session = ExportSession(run, load_run_recipe(run).export, verify=False, log=lambda _m: None)
     meta = json.loads((rd / "data.json").read_text())
-    weights = load_run_recipe(run).export.backend_sections().get("tflite", {}).get("int8_weights", "per_channel")
-    with TFLiteSelective(rd / "student_fp32.tflite", session.calibration(), "NCHW", meta["normalization"],
-                         silence=quiet, per_channel=weights == "per_channel") as route:
+    backend = get_backend("tflite")  # the mixed route's own quantizer and settings (export.tflite.int8_weights)
+    with backend.selective(rd / "student_fp32.tflite", session.calibration(), "NCHW", meta["normalization"],
+                           session.settings(backend)) as route:
         route.write(out)
     data = out.read_bytes()
     if has_int8_io(data):
