@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,14 +116,53 @@ def finished_run(recipe, work: Path):
     return rd if same else None
 
 
-def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str) -> dict:
-    """Distill one seed of the recipe (teacher, scratch baseline, KD student) and return its table row."""
+# Distill keys that change only the KD student (a baseline trained under other values of them is the same baseline).
+KD_ONLY = ("loss", "baseline", "parallel_baseline", "cache_teacher", "teacher_views", "strategy", "generations",
+           "ensemble")
+
+
+def baseline_part(recipe: dict) -> dict:
+    """What the scratch baseline depends on: distill's part of the recipe without the teacher(s) and the KD-only keys."""
+    from edgekd.recipe import distill_part
+
+    part = {k: v for k, v in distill_part(recipe).items() if k not in ("teacher", "teachers")}
+    part["distill"] = {k: v for k, v in (part.get("distill") or {}).items() if k not in KD_ONLY}
+    return part
+
+
+def borrowed_baseline(recipe, runs: Path) -> dict:
+    """The scratch baseline's metrics from the same seed's finished run ``runs/kdgain-<seed>``, which must have
+    trained it with the same data, student and training settings (exits with one line otherwise)."""
+    from edgekd.run_dir import RunDir
+
+    rd = RunDir(runs / f"kdgain-{recipe.seed}")
+    if not (rd / "recipe.yaml").is_file() or rd.stage_status("distill") != "done":
+        sys.exit(f"error: --baseline-from: no finished seed run {rd.path} (run kd_gain.py on seed {recipe.seed} "
+                 "with --work pointing there first, or drop --baseline-from)")
+    if baseline_part(load_recipe(rd / "recipe.yaml").to_dict()) != baseline_part(recipe.to_dict()):
+        sys.exit(f"error: --baseline-from: {rd.path} trained its baseline with other data, student or training "
+                 "settings than this recipe; drop --baseline-from to train the baseline again")
+    m = rd.metrics()
+    if "baseline" not in m:
+        sys.exit(f"error: --baseline-from: {rd.path} has no scratch baseline (distill.baseline was off)")
+    return {**m["baseline"], "from_run": str(rd.path)}
+
+
+def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str,
+             baseline_from: str | None = None) -> dict:
+    """Distill one seed of the recipe (teacher, scratch baseline, KD student) and return its table row; with
+    ``baseline_from``, the baseline is that folder's finished run of the seed instead of a new one."""
     import torch
 
+    if baseline_from:
+        overrides = [*overrides, "distill.baseline=false"]
     recipe = load_recipe(recipe_arg, with_seed(overrides, seed), seed=seed, name=f"kdgain-{seed}")
+    borrowed = borrowed_baseline(recipe, Path(baseline_from)) if baseline_from else None
     reused = finished_run(recipe, Path(work))
     rd = reused or run_distill(recipe, out=work, quiet=True)
     m = rd.metrics()
+    if borrowed:
+        m["baseline"] = borrowed
     ckpt = recipe.teacher.checkpoint and Path(recipe.teacher.checkpoint).parent / "metrics.json"
     if "val_accuracy" not in m["teacher"] and ckpt and ckpt.is_file():  # a teacher an earlier edgekd run trained
         m["teacher"]["val_accuracy"] = json.loads(ckpt.read_text())["teacher"].get("val_accuracy")
@@ -134,6 +174,8 @@ def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str)
            "teacher_macs": m["teacher"]["macs"], "student_macs": m["student"]["macs"],
            "teacher_cache": m["student"].get("teacher_cache"), "seconds": rd.manifest()["stages"]["distill"]["seconds"],
            "run": str(rd.path)}
+    if borrowed:
+        row["baseline_run"] = borrowed["from_run"]
     row["gap_closed"] = gap_closed(row["teacher"], row["baseline"], row["student"])
     row["epoch_ratio"] = row["kd_epoch_s"] / row["plain_epoch_s"]
     row["load_avg_1m"] = float("nan") if reused else os.getloadavg()[0]  # not known for an earlier invocation's run
@@ -224,6 +266,10 @@ def main() -> None:
     ap.add_argument("--cost-from", default=None, metavar="RUN",
                     help="only measure the epoch cost with the teacher of this finished seed run, then write the "
                          "results from the rows saved so far (kd_gain.partial.json)")
+    ap.add_argument("--baseline-from", default=None, metavar="DIR",
+                    help="take each seed's scratch baseline from the finished seed runs in DIR (an earlier --work) "
+                         "instead of training it again: for screening KD settings (loss, temperature, teacher) that "
+                         "leave the baseline unchanged; refused when the data, student or training settings differ")
     args = ap.parse_args()
     if args.table_only:
         write_table(Path(args.out))
@@ -232,6 +278,10 @@ def main() -> None:
         _cost_from(args, Path(args.cost_from))
         return
 
+    if args.baseline_from:  # refused before anything trains
+        for s in args.seeds:
+            borrowed_baseline(load_recipe(args.recipe, [*with_seed(args.overrides, s), "distill.baseline=false"],
+                                          seed=s, name=f"kdgain-{s}"), Path(args.baseline_from))
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     prov = provenance.start()
@@ -245,7 +295,8 @@ def main() -> None:
             # Each process gets its share of the cores: two 2-thread processes on 2 cores ran 3.5x slower.
             threads = max(1, (os.cpu_count() or 1) // args.jobs)
             with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-                futures = [pool.submit(run_seed, args.recipe, args.overrides, s, work) for s in args.seeds]
+                futures = [pool.submit(run_seed, args.recipe, args.overrides, s, work, args.baseline_from)
+                           for s in args.seeds]
                 rows = []
                 for f in futures:
                     rows.append(f.result())
@@ -253,7 +304,7 @@ def main() -> None:
         else:
             rows = []
             for s in args.seeds:
-                rows.append(run_seed(args.recipe, args.overrides, s, work))
+                rows.append(run_seed(args.recipe, args.overrides, s, work, args.baseline_from))
                 _save_partial(Path(args.out), rows)
         recipe = cost_recipe(args, args.seeds[0])
         saved = Path(args.out) / "kd_gain.json"
@@ -340,6 +391,11 @@ def write_table(out: Path) -> None:
         f"above, the ratio of the KD student's to the baseline's median epoch time was "
         f"{summary['epoch_ratio'][0]:.2f} ± {summary['epoch_ratio'][1]:.2f}.)",
     ]
+    borrowed = sorted({provenance.repo_path(r["baseline_run"]) for r in rows if r.get("baseline_run")})
+    if borrowed:
+        md += ["", f"The scratch baselines were not trained again: each is its seed's finished run in "
+                   f"{', '.join(f'`{b}`' for b in borrowed)} (`--baseline-from`; same data, student and training "
+                   "settings, checked)."]
     md += ["", provenance.markdown(saved.get("provenance"))]
     saved["summary"] = summary
     (out / "kd_gain.json").write_text(json.dumps(saved, indent=2) + "\n")

@@ -67,3 +67,32 @@ def test_gap_closed_and_interval_edge_cases():
     assert mean == 2.0 and math.isnan(low) and math.isnan(high)  # one seed has no interval
     mean, low, high = kd_gain.mean_interval([1.0, 3.0], level=0.9)  # t(0.95, 1 dof) = 6.313752, std error 1
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - 6.313752, 2.0 + 6.313752), abs=1e-5)
+
+
+def test_baseline_part_ignores_kd_only_keys_and_the_teacher_but_not_training_settings():
+    from edgekd.recipe import load_recipe
+
+    def part(*overrides):
+        return kd_gain.baseline_part(load_recipe("mnist", list(overrides), seed=0).to_dict())
+
+    same = part()
+    assert part("distill.loss.temperature=8", "distill.baseline=false", "distill.parallel_baseline=true",
+                "teacher.epochs=1", "teacher.kwargs.width=8") == same
+    for changed in ("distill.epochs=7", "distill.lr=0.5", "student.kwargs.width=4", "data.limit=100"):
+        assert part(changed) != same, changed
+    assert kd_gain.baseline_part(load_recipe("mnist", [], seed=1).to_dict()) != same  # another seed
+
+
+def test_baseline_from_without_a_finished_seed_run_is_refused_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "kd_gain.py"), "--seeds",
+                           "0", "--baseline-from", str(tmp_path / "runs"), "--work", str(tmp_path / "work"),
+                           "--out", str(out), "--set", "distill.loss.temperature=2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --baseline-from: no finished seed run")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "work").exists()
