@@ -122,7 +122,7 @@ KD_ONLY = ("loss", "baseline", "parallel_baseline", "cache_teacher", "teacher_vi
 
 
 def baseline_part(recipe: dict) -> dict:
-    """What the scratch baseline depends on: distill's part of the recipe without the teacher(s) and the KD-only keys."""
+    """What the scratch baseline depends on: distill's part of the recipe without the teacher(s) and KD-only keys."""
     from edgekd.recipe import distill_part
 
     part = {k: v for k, v in distill_part(recipe).items() if k not in ("teacher", "teachers")}

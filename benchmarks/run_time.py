@@ -63,9 +63,9 @@ def write_md(out: Path, res: dict) -> None:
              f"median {res['load']['median']:.2f}, max {res['load']['max']:.2f}.", "",
              "| stage | minutes |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in res["stages"].items()]
-    lines += ["", "Stages add up to less than the wall clock: the command also starts Python, loads the data and writes "
-              "the run directory. `distill` includes the three models' training (the scratch baseline beside the KD "
-              "student when `distill.parallel_baseline` is on) and their test evaluation.", "",
+    lines += ["", "Stages add up to less than the wall clock: the command also starts Python, loads the data and "
+              "writes the run directory. `distill` includes the three models' training (the scratch baseline beside "
+              "the KD student when `distill.parallel_baseline` is on) and their test evaluation.", "",
               provenance.markdown(res["provenance"])]
     (out / "run_time.md").write_text("\n".join(lines))
 
