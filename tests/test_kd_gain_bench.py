@@ -96,3 +96,20 @@ def test_baseline_from_without_a_finished_seed_run_is_refused_before_training(tm
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --baseline-from: no finished seed run")
     assert "Traceback" not in proc.stderr
     assert not out.exists() and not (tmp_path / "work").exists()
+
+
+def test_one_seed_screen_table_shows_validation_and_the_borrowed_baseline_without_an_interval(tmp_path):
+    import json
+
+    row = {**_row(0, 0.94, 0.90, 0.92), "teacher_val": 0.95, "baseline_val": 0.91, "student_val": 0.94,
+           "teacher_params": 2, "teacher_macs": 2, "student_params": 1, "student_macs": 1, "threads": 1,
+           "load_avg_1m": 2.0, "baseline_run": "exported/fm-kdgain/kdgain-0"}
+    cost = {"ratio": 1.0, "kd_epoch_s": 1.0, "plain_epoch_s": 1.0, "epochs_each": 2, "threads": 1, "cache_seconds": 0.1}
+    (tmp_path / "kd_gain.json").write_text(json.dumps({"recipe": "r.yaml", "seeds": [0], "rows": [row],
+                                                       "epoch_cost": cost, "target_gap_closed": 0.5}))
+    kd_gain.write_table(tmp_path)
+    md = (tmp_path / "kd_gain.md").read_text()
+    assert "one seed has no interval" in md and "nan" not in md.replace("(nan:", "")
+    assert "KD 0.9400 (gap closed 75%)" in md  # validation: (0.94 - 0.91) / (0.95 - 0.91)
+    assert "`exported/fm-kdgain/kdgain-0` (`--baseline-from`" in md
+    assert "ratio of the KD student's to the baseline's" not in md  # epoch times of two different runs
