@@ -239,7 +239,9 @@ def _write_json(out: Path, args, rows: list[dict], cost: dict, seconds: float, l
     trained = load_recipe(args.recipe, with_seed(args.overrides, rows[0]["seed"]), seed=rows[0]["seed"]).data.augment
     (out / "kd_gain.json").write_text(json.dumps({
         "recipe": args.recipe or "mnist", "seeds": [r["seed"] for r in rows],
-        "rows": [{**r, "run": provenance.repo_path(r["run"])} for r in rows], "epoch_cost": cost,
+        "rows": [{**r, "run": provenance.repo_path(r["run"]),
+                  **({"baseline_run": provenance.repo_path(r["baseline_run"])} if r.get("baseline_run") else {})}
+                 for r in rows], "epoch_cost": cost,
         "seconds": seconds, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
         "augment": trained if isinstance(trained, str) else trained.model_dump(),
         "cost_augment": aug if isinstance(aug, str) else aug.model_dump(), "overrides": list(args.overrides),
