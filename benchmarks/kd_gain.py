@@ -148,16 +148,19 @@ def borrowed_baseline(recipe, runs: Path) -> dict:
     return {**m["baseline"], "from_run": str(rd.path)}
 
 
+def seed_recipe(recipe_arg: str | None, overrides: list[str], seed: int, borrow: bool = False):
+    """The recipe of one seed run (``kdgain-<seed>``); without its own baseline when ``borrow``."""
+    extra = ["distill.baseline=false"] if borrow else []
+    return load_recipe(recipe_arg, [*with_seed(overrides, seed), *extra], seed=seed, name=f"kdgain-{seed}")
+
+
 def run_seed(recipe_arg: str | None, overrides: list[str], seed: int, work: str,
-             baseline_from: str | None = None) -> dict:
+             borrowed: dict | None = None) -> dict:
     """Distill one seed of the recipe (teacher, scratch baseline, KD student) and return its table row; with
-    ``baseline_from``, the baseline is that folder's finished run of the seed instead of a new one."""
+    ``borrowed`` (:func:`borrowed_baseline`), the baseline is that finished run's instead of a new one."""
     import torch
 
-    if baseline_from:
-        overrides = [*overrides, "distill.baseline=false"]
-    recipe = load_recipe(recipe_arg, with_seed(overrides, seed), seed=seed, name=f"kdgain-{seed}")
-    borrowed = borrowed_baseline(recipe, Path(baseline_from)) if baseline_from else None
+    recipe = seed_recipe(recipe_arg, overrides, seed, borrow=borrowed is not None)
     reused = finished_run(recipe, Path(work))
     rd = reused or run_distill(recipe, out=work, quiet=True)
     m = rd.metrics()
@@ -280,10 +283,9 @@ def main() -> None:
         _cost_from(args, Path(args.cost_from))
         return
 
-    if args.baseline_from:  # refused before anything trains
-        for s in args.seeds:
-            borrowed_baseline(load_recipe(args.recipe, [*with_seed(args.overrides, s), "distill.baseline=false"],
-                                          seed=s, name=f"kdgain-{s}"), Path(args.baseline_from))
+    borrowed = {s: (borrowed_baseline(seed_recipe(args.recipe, args.overrides, s, borrow=True),
+                                      Path(args.baseline_from)) if args.baseline_from else None)
+                for s in args.seeds}  # refused here, before anything trains
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     prov = provenance.start()
@@ -297,7 +299,7 @@ def main() -> None:
             # Each process gets its share of the cores: two 2-thread processes on 2 cores ran 3.5x slower.
             threads = max(1, (os.cpu_count() or 1) // args.jobs)
             with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-                futures = [pool.submit(run_seed, args.recipe, args.overrides, s, work, args.baseline_from)
+                futures = [pool.submit(run_seed, args.recipe, args.overrides, s, work, borrowed[s])
                            for s in args.seeds]
                 rows = []
                 for f in futures:
@@ -306,7 +308,7 @@ def main() -> None:
         else:
             rows = []
             for s in args.seeds:
-                rows.append(run_seed(args.recipe, args.overrides, s, work, args.baseline_from))
+                rows.append(run_seed(args.recipe, args.overrides, s, work, borrowed[s]))
                 _save_partial(Path(args.out), rows)
         recipe = cost_recipe(args, args.seeds[0])
         saved = Path(args.out) / "kd_gain.json"

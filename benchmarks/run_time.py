@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from edgekd import provenance
+from edgekd.run_dir import TIME_FORMAT
 
 RESULTS = Path(__file__).parent / "results" / "fashion_mnist"
 TRAINED = ("teacher", "baseline", "student")
@@ -50,7 +51,7 @@ def stage_seconds(manifest: dict) -> dict[str, float]:
         elif st.get("seconds") is not None:
             out[name] = float(st["seconds"])
         elif st.get("started") and st.get("finished"):
-            start, end = (datetime.strptime(st[k], "%Y-%m-%dT%H:%M:%S%z") for k in ("started", "finished"))
+            start, end = (datetime.strptime(st[k], TIME_FORMAT) for k in ("started", "finished"))
             out[name] = (end - start).total_seconds()
     return out
 

@@ -330,8 +330,12 @@ def _writer(name: str) -> str:
     return "edgekd distill"  # checkpoints, eval.npz, data.json, recipe.yaml: a new run
 
 
+# How the manifest writes its times (``started``, ``finished``, ``created``), for strftime and strptime.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return time.strftime(TIME_FORMAT)
 
 
 def latest_run(out_dir: str | os.PathLike) -> RunDir | None:

@@ -350,7 +350,7 @@ def export_mcu(run_path: Path, int8_entry: dict[str, Any] | None, io_type: str, 
 
     Raises:
         ExportError: No int8 file, a float tensor, an operator TFLM lacks (nothing is left written).
-        CheckFailed: TFLM's accuracy differs from LiteRT's on the file.
+        CheckFailed: TFLM's predictions differ from LiteRT's on the file (beyond MAX_DISAGREEMENT).
     """
     from edgekd.export import firmware
     from edgekd.export.metadata import build_entry
